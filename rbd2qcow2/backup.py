@@ -1,0 +1,325 @@
+"""Backup orchestration: one new point per image, committed atomically.
+
+Commit sequence of one image (see ``docs/design.md`` for the crash matrix):
+
+1. lock the chain directory; load the manifest; remove what an interrupted
+   run left (files the manifest does not name, snapshots of ours it does
+   not name);
+2. choose the base: the latest point, if its RBD snapshot still exists with
+   the recorded id and the image id is unchanged; otherwise a new full chain;
+3. create the RBD snapshot ``rbd2qcow2.<tag>.<point>``;
+4. create ``<point>.qcow2.partial`` (backing file: the base, by relative
+   name), export it through qemu-storage-daemon, pull the diff into it;
+5. flush, close the export, ``qemu-img check``, fsync, rename to
+   ``<point>.qcow2``, fsync the directory (likewise the checksum file);
+6. commit the manifest (atomic replace);
+7. remove the base's RBD snapshot: only now is it no longer needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import manifest as mf
+from . import names, qemu
+from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
+from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
+from .errors import Cancelled, ChainDamaged, Error, QemuError, UsageError
+from .extents import Chunk, plan, windows
+from .faults import crashpoint
+from .fsutil import chain_lock, commit_file, make_dirs
+from .nbdio import ConnectionPool
+from .pipeline import Stats, Transfer
+from .progress import Progress
+from .target import open_target
+
+logger = logging.getLogger(__name__)
+
+DIFF_WINDOW = 1 << 30
+_ORPHAN = re.compile(r"^(\d{8}T\d{6}Z(-\d+)?\.(qcow2|sums)(\.partial)?|\.manifest\.json\.tmp)$")
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    """Options of a backup run; every field has a default a config file can fill."""
+
+    target: Path
+    ceph: CephOptions = dataclasses.field(default_factory=CephOptions)
+    parallel: int = 4
+    full: bool = False
+    whole_object: bool = False
+    wait: bool = False
+    progress: bool = False
+    direct_io: bool = True
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """The outcome for one image: a point, or the error that stopped it."""
+
+    image: names.ImageSpec
+    point: mf.Point | None = None
+    reason: str = ""
+    error: Error | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.error is None else self.error.exit_code
+
+    @property
+    def point_ref(self) -> str:
+        return f"{self.image}@{self.point.id}" if self.point else ""
+
+
+@dataclass(frozen=True)
+class Base:
+    """What the new point builds on: a point (incremental) or nothing (full)."""
+
+    point: mf.Point | None
+    reason: str
+
+
+def backup(specs: Sequence[str], opts: BackupOptions) -> list[BackupResult]:
+    """Back up every image that ``specs`` select; one result per image.
+
+    A failing image never stops the others; ``Cancelled`` (a signal) does,
+    after cleaning up the image in progress.
+    """
+    if opts.parallel < 1:
+        raise UsageError("--parallel must be at least 1")
+    selectors = [names.parse_spec(s) for s in specs]
+    if not selectors:
+        raise UsageError("no image or pool given")
+    tag = open_target(opts.target, create=True)
+    results: list[BackupResult] = []
+    with Cluster(opts.ceph) as cluster, qemu.storage_daemon() as daemon:
+        for image in _select(cluster, selectors):
+            results.append(_backup_one(cluster, daemon, tag, image, opts))
+    return results
+
+
+def _select(cluster: Cluster, selectors: list[names.Selector]) -> list[names.ImageSpec]:
+    images: list[names.ImageSpec] = []
+    for sel in selectors:
+        if sel.name is not None:
+            images.append(names.ImageSpec(sel.pool, sel.namespace or "", sel.name))
+        else:
+            images += cluster.list_images(sel.pool, sel.namespace)
+    return list(dict.fromkeys(images))
+
+
+def _backup_one(
+    cluster: Cluster, daemon: qemu.StorageDaemon, tag: str, image: names.ImageSpec, opts: BackupOptions
+) -> BackupResult:
+    try:
+        point, reason = ImageBackup(cluster, daemon, tag, image, opts).run()
+    except Error as exc:
+        logger.error("%s: %s", image, exc)
+        return BackupResult(image, error=exc)
+    return BackupResult(image, point=point, reason=reason)
+
+
+class ImageBackup:
+    """One image's backup run (the steps in the module docstring)."""
+
+    def __init__(
+        self, cluster: Cluster, daemon: qemu.StorageDaemon, tag: str, image: names.ImageSpec, opts: BackupOptions
+    ) -> None:
+        self.cluster = cluster
+        self.daemon = daemon
+        self.tag = tag
+        self.image = image
+        self.opts = opts
+        self.dir = make_dirs(opts.target, names.chain_relpath(image))
+
+    def run(self) -> tuple[mf.Point, str]:
+        with chain_lock(self.dir, wait=self.opts.wait, what=str(self.image)):
+            return self._locked()
+
+    def _locked(self) -> tuple[mf.Point, str]:
+        manifest = mf.load(self.dir)
+        with self.cluster.image(self.image) as img:
+            image_id = img.id()
+            if manifest is None:
+                manifest = mf.Manifest(self.image, image_id, self.tag)
+            elif manifest.target_tag != self.tag:
+                raise ChainDamaged(str(self.dir), "manifest belongs to another target")
+            self._clean_orphans(manifest, img)
+            base = choose_base(manifest, img.snapshots(), image_id, full=self.opts.full, directory=self.dir)
+            logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
+            point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
+            snap = img.create_snapshot(names.snapshot_name(self.tag, point_id))
+        try:
+            crashpoint("after-snapshot")
+            point = self._write_point(manifest, base, point_id, snap, image_id)
+            mf.save(self.dir, manifest.with_point(point, image_id))
+        except BaseException:
+            self._abandon(point_id, snap.name)
+            raise
+        crashpoint("after-commit")
+        self._remove_old_snapshots(snap.name)
+        return point, base.reason
+
+    # -- step 1 ------------------------------------------------------------
+    def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> None:
+        named = {p.file for p in manifest.points} | {names.sums_file(p.id) for p in manifest.points}
+        for entry in os.scandir(self.dir):
+            if _ORPHAN.match(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False):
+                logger.warning("%s: removing %s left by an interrupted run", self.image, entry.name)
+                os.unlink(entry.path)
+        keep = manifest.latest.snapshot.name if manifest.latest else None
+        for snap in img.snapshots():
+            if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:
+                logger.warning("%s: removing snapshot %s left by an interrupted run", self.image, snap.name)
+                img.remove_snapshot(snap.name)
+
+    def _abandon(self, point_id: str, snap_name: str) -> None:
+        """Undo an uncommitted point: its files and its snapshot.
+
+        If the manifest on disk already names the point (the commit went
+        through and a later step failed), nothing is undone.
+        """
+        with contextlib.suppress(Error):
+            committed = mf.load(self.dir)
+            if committed is not None and any(p.id == point_id for p in committed.points):
+                return
+        for name in (names.layer_file(point_id), names.sums_file(point_id)):
+            for path in (self.dir / name, self.dir / names.partial(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        try:
+            with self.cluster.image(self.image) as img:
+                img.remove_snapshot(snap_name)
+        except Error as exc:
+            logger.error("%s: could not remove snapshot %s: %s (the next run removes it)", self.image, snap_name, exc)
+
+    def _remove_old_snapshots(self, keep: str) -> None:
+        try:
+            with self.cluster.image(self.image) as img:
+                for snap in img.snapshots():
+                    if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:
+                        img.remove_snapshot(snap.name)
+        except Error as exc:
+            logger.warning("%s: old snapshot not removed: %s (the next run removes it)", self.image, exc)
+
+    # -- steps 4 and 5 -----------------------------------------------------
+    def _write_point(self, manifest: mf.Manifest, base: Base, point_id: str, snap: SnapInfo, image_id: str) -> mf.Point:
+        layer = self.dir / names.layer_file(point_id)
+        tmp = self.dir / names.partial(layer.name)
+        sums_final = self.dir / names.sums_file(point_id)
+        qemu.create_layer(tmp, snap.size, base.point.file if base.point else None)
+        files = [self.dir / p.file for p in manifest.chain_of(base.point.id)] if base.point else []
+        sums = OrderedWriter(self.dir / names.partial(sums_final.name))
+        try:
+            stats = self._transfer([*files, tmp], base, snap, sums)
+            crashpoint("before-rename")
+            qemu.check_layer(tmp)
+            sha = sums.finish()
+        except BaseException:
+            sums.abort()
+            raise
+        commit_file(sums.path, sums_final)
+        commit_file(tmp, layer)
+        crashpoint("after-rename")
+        return mf.Point(
+            id=point_id,
+            file=layer.name,
+            parent=base.point.id if base.point else None,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            size=snap.size,
+            image_id=image_id,
+            snapshot=mf.Snapshot(snap.name, snap.id),
+            kind="incremental" if base.point else "full",
+            stored_bytes=layer.stat().st_blocks * 512,
+            data_bytes=stats.data_bytes,
+            zero_bytes=stats.zero_bytes,
+            checksums=mf.Checksums(sums_final.name, ALGORITHM, BLOCK_SIZE, sha),
+        )
+
+    def _export(self, files: list[Path]) -> qemu.Export:
+        if self.opts.direct_io:
+            try:
+                return self.daemon.export_chain(files, writable=True, direct=True)
+            except QemuError as exc:
+                logger.info("direct I/O not available on the target (%s); using the page cache", exc)
+        return self.daemon.export_chain(files, writable=True, direct=False)
+
+    def _transfer(self, files: list[Path], base: Base, snap: SnapInfo, sums: OrderedWriter) -> Stats:
+        export = self._export(files)
+        try:
+            pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
+            try:
+                if pool.size < snap.size:
+                    raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
+                with Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar:
+                    stats = Transfer(
+                        open_reader=lambda: self.cluster.image(self.image, snapshot=snap.name, read_only=True),
+                        sink=pool,
+                        sums=sums,
+                        size=snap.size,
+                        workers=self.opts.parallel,
+                        hide_zeros=base.point is not None,
+                        progress=bar.update,
+                        fault=_mid_transfer_fault,
+                    ).run(self._chunks(base, snap, bar.skip))
+                pool.flush()
+            finally:
+                pool.close()
+        finally:
+            self.daemon.remove_export(export)
+        logger.info(
+            "%s: %d bytes data, %d bytes zeros written, %d zero bytes skipped",
+            self.image,
+            stats.data_bytes,
+            stats.zero_bytes,
+            stats.skipped_bytes,
+        )
+        return stats
+
+    def _chunks(self, base: Base, snap: SnapInfo, skip: Callable[[int], None]) -> Iterator[Chunk]:
+        from_snap = base.point.snapshot.name if base.point else None
+        with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as img:
+            for start, end in windows(snap.size, DIFF_WINDOW):
+                extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
+                chunks = plan(extents, start=start, end=end)
+                skip(end - start - sum(c.length for c in chunks))
+                yield from chunks
+
+
+def _mid_transfer_fault(seq: int) -> None:
+    if seq == 2:
+        crashpoint("mid-transfer")
+
+
+def choose_base(
+    manifest: mf.Manifest, snapshots: list[SnapInfo], image_id: str, *, full: bool, directory: Path
+) -> Base:
+    """Pure decision: incremental from the latest point, or a new full chain (and why)."""
+    latest = manifest.latest
+    if full:
+        return Base(None, "full backup requested")
+    if latest is None:
+        return Base(None, "first backup of this image")
+    if latest.image_id != image_id:
+        return Base(None, f"image was re-created (id {image_id}, chain has {latest.image_id}): new chain")
+    if "damaged" in latest.flags:
+        return Base(None, f"point {latest.id} failed verification: new chain")
+    snap = next((s for s in snapshots if s.name == latest.snapshot.name), None)
+    if snap is None:
+        return Base(None, f"snapshot {latest.snapshot.name} of the last point is gone: new chain")
+    if snap.id != latest.snapshot.id:
+        return Base(None, f"snapshot {snap.name} has id {snap.id}, manifest says {latest.snapshot.id}: new chain")
+    if not (directory / latest.file).is_file():
+        return Base(None, f"layer {latest.file} is missing: new chain")
+    return Base(latest, f"changes since {latest.id}")
+
+
+__all__ = ["BackupOptions", "BackupResult", "Cancelled", "backup", "choose_base"]

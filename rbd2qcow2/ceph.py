@@ -1,0 +1,166 @@
+"""The Ceph boundary: every call into the ``rados`` and ``rbd`` bindings.
+
+Everything else in rbd2qcow2 sees :class:`Cluster` and :class:`RbdImage`,
+and the project's own exceptions (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import rados
+import rbd
+
+from .errors import CephError, CephUnavailable, NotFound
+from .extents import Extent
+from .names import ImageSpec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CONNECT_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class CephOptions:
+    """How to reach a cluster; ``conf`` None means ``$CEPH_CONF`` or the default."""
+
+    conf: str | None = None
+    client_id: str | None = None
+    keyring: str | None = None
+    connect_timeout: int = CONNECT_TIMEOUT
+
+
+@dataclass(frozen=True)
+class SnapInfo:
+    id: int
+    name: str
+    size: int
+
+
+def _wrap(what: str, func: Callable[[], T]) -> T:
+    try:
+        return func()
+    except rbd.ImageNotFound as exc:
+        raise NotFound(f"{what}: not found") from exc
+    except (rados.ObjectNotFound, rbd.ObjectNotFound) as exc:
+        raise NotFound(f"{what}: not found ({exc})") from exc
+    except (rados.Error, rbd.Error) as exc:
+        raise CephError(f"{what}: {exc}") from exc
+
+
+class Cluster:
+    """A connected ``rados.Rados``; a context manager that shuts it down."""
+
+    def __init__(self, opts: CephOptions) -> None:
+        conffile = opts.conf if opts.conf is not None else os.environ.get("CEPH_CONF", "")
+        conf: dict[str, str] = {}
+        if opts.keyring:
+            conf["keyring"] = opts.keyring
+        try:
+            self._rados = rados.Rados(conffile=conffile, rados_id=opts.client_id, conf=conf)
+            self._rados.conf_set("client_mount_timeout", str(opts.connect_timeout))
+            self._rados.connect(timeout=opts.connect_timeout)
+        except (rados.Error, OSError) as exc:
+            raise CephUnavailable(f"cannot connect (conf {conffile or 'default'!r}): {exc}") from exc
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._rados.shutdown()
+
+    @contextlib.contextmanager
+    def ioctx(self, pool: str, namespace: str = "") -> Iterator[Any]:
+        ioctx = _wrap(f"pool {pool!r}", lambda: self._rados.open_ioctx(pool))
+        try:
+            ioctx.set_namespace(namespace)
+            yield ioctx
+        finally:
+            ioctx.close()
+
+    def list_images(self, pool: str, namespace: str | None) -> list[ImageSpec]:
+        """Images of a pool: one namespace, or (None) the default and every namespace."""
+        with self.ioctx(pool) as ioctx:
+            namespaces = [namespace] if namespace is not None else ["", *self._namespaces(ioctx, pool)]
+        found: list[ImageSpec] = []
+        for ns in namespaces:
+            with self.ioctx(pool, ns) as ioctx:
+                names = _wrap(f"listing {pool}/{ns}", lambda: rbd.RBD().list(ioctx))
+            found += [ImageSpec(pool, ns, n) for n in names]
+        return sorted(found)
+
+    @staticmethod
+    def _namespaces(ioctx: Any, pool: str) -> list[str]:
+        return list(_wrap(f"namespaces of {pool}", lambda: rbd.RBD().namespace_list(ioctx)))
+
+    @contextlib.contextmanager
+    def image(self, spec: ImageSpec, snapshot: str | None = None, read_only: bool = False) -> Iterator[RbdImage]:
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            img = _wrap(f"image {spec}", lambda: rbd.Image(ioctx, spec.name, snapshot=snapshot, read_only=read_only))
+            try:
+                yield RbdImage(img, f"{spec}" + (f"@{snapshot}" if snapshot else ""))
+            finally:
+                img.close()
+
+
+class RbdImage:
+    """An open ``rbd.Image``."""
+
+    def __init__(self, img: Any, label: str) -> None:
+        self._img = img
+        self.label = label
+
+    def id(self) -> str:
+        return str(_wrap(self.label, self._img.id))
+
+    def size(self) -> int:
+        return int(_wrap(self.label, self._img.size))
+
+    def snapshots(self) -> list[SnapInfo]:
+        snaps = _wrap(self.label, lambda: list(self._img.list_snaps()))
+        return [SnapInfo(int(s["id"]), str(s["name"]), int(s["size"])) for s in snaps]
+
+    def snapshot(self, name: str) -> SnapInfo | None:
+        return next((s for s in self.snapshots() if s.name == name), None)
+
+    def create_snapshot(self, name: str) -> SnapInfo:
+        _wrap(f"{self.label}: create snapshot {name}", lambda: self._img.create_snap(name))
+        snap = self.snapshot(name)
+        if snap is None:
+            raise CephError(f"{self.label}: snapshot {name} vanished after creation")
+        return snap
+
+    def remove_snapshot(self, name: str) -> None:
+        _wrap(f"{self.label}: remove snapshot {name}", lambda: self._img.remove_snap(name))
+
+    def diff(self, offset: int, length: int, from_snapshot: str | None, whole_object: bool) -> list[Extent]:
+        """Extents changed in ``[offset, offset+length)`` since ``from_snapshot``."""
+        out: list[Extent] = []
+
+        def collect(off: int, ln: int, exists: bool) -> int:
+            out.append(Extent(int(off), int(ln), bool(exists)))
+            return 0
+
+        _wrap(
+            f"{self.label}: diff",
+            lambda: self._img.diff_iterate(
+                offset, length, from_snapshot, collect, include_parent=True, whole_object=whole_object
+            ),
+        )
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = _wrap(f"{self.label}: read {length} at {offset}", lambda: self._img.read(offset, length))
+        if len(data) != length:
+            raise CephError(f"{self.label}: short read at {offset}: {len(data)} of {length} bytes")
+        return bytes(data)

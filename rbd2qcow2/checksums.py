@@ -1,0 +1,131 @@
+"""Per-block checksums, recorded while a layer is written.
+
+The virtual disk is cut into blocks of :data:`BLOCK_SIZE` (64 KiB, the qcow2
+cluster size, so every planned request covers whole blocks and no block needs
+a second read).  Each layer records the blocks it wrote, as
+``(block index, XXH3-128 digest)`` sorted by index, in a small binary file
+beside the layer.  A block a layer does not record is inherited from its
+parent; a block no layer records is zeros.  XXH3-128 runs at ~15 GB/s here,
+two orders of magnitude faster than the rest of the data path, and 128 bits
+keeps accidental collisions out of reach; this is integrity against rot and
+bugs, not a defence against an adversary who can write the chain.
+
+File format: magic ``R2QSUMS1``, u32 block size, u32 zero, u64 count, then
+``count`` records of u64 little-endian index and 16 digest bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import xxhash
+
+from .errors import ChainDamaged
+
+BLOCK_SIZE = 65536
+ALGORITHM = "xxh3-128"
+MAGIC = b"R2QSUMS1"
+_HEADER = struct.Struct("<8sIIQ")
+_RECORD = struct.Struct("<Q16s")
+_ZERO = bytes(BLOCK_SIZE)
+ZERO_DIGEST = xxhash.xxh3_128_digest(_ZERO)
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def zero_digest(length: int) -> bytes:
+    return ZERO_DIGEST if length == BLOCK_SIZE else digest(bytes(length))
+
+
+def block_records(offset: int, data: bytes, block: int = BLOCK_SIZE) -> tuple[bytes, list[bool]]:
+    """Records for ``data`` at ``offset`` (block-aligned) and a zero flag per block."""
+    out = bytearray()
+    zeros: list[bool] = []
+    view = memoryview(data)
+    first = offset // block
+    for i, pos in enumerate(range(0, len(data), block)):
+        piece = view[pos : pos + block]
+        is_zero = data.startswith(_ZERO[: len(piece)], pos)
+        zeros.append(is_zero)
+        out += _RECORD.pack(first + i, zero_digest(len(piece)) if is_zero else digest(piece))
+    return bytes(out), zeros
+
+
+def zero_records(offset: int, length: int, size: int, block: int = BLOCK_SIZE) -> bytes:
+    out = bytearray()
+    for pos in range(offset, offset + length, block):
+        out += _RECORD.pack(pos // block, zero_digest(min(block, size - pos)))
+    return bytes(out)
+
+
+class OrderedWriter:
+    """Writes record batches to the checksum file in offset order.
+
+    Batches arrive out of order from the worker threads; each is keyed by its
+    sequence number and written once every earlier one has arrived, so the
+    buffer never holds more than the in-flight window.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        os.chmod(path, 0o600)
+        self._fh.write(_HEADER.pack(MAGIC, BLOCK_SIZE, 0, 0))
+        self._pending: list[tuple[int, bytes]] = []
+        self._next = 0
+        self._count = 0
+
+    def add(self, seq: int, records: bytes) -> None:
+        heapq.heappush(self._pending, (seq, records))
+        while self._pending and self._pending[0][0] == self._next:
+            _, recs = heapq.heappop(self._pending)
+            self._fh.write(recs)
+            self._count += len(recs) // _RECORD.size
+            self._next += 1
+
+    def finish(self) -> str:
+        """Complete the file (count in the header, fsync); returns its SHA-256."""
+        if self._pending:
+            raise RuntimeError("checksum batches missing")
+        self._fh.seek(0)
+        self._fh.write(_HEADER.pack(MAGIC, BLOCK_SIZE, 0, self._count))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return file_sha256(self.path)
+
+    def abort(self) -> None:
+        self._fh.close()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The ``(block index, digest)`` records of a checksum file, in order."""
+    with open(path, "rb") as fh:
+        header = fh.read(_HEADER.size)
+        if len(header) != _HEADER.size:
+            raise ChainDamaged(str(path), "checksum file truncated")
+        magic, block, _, count = _HEADER.unpack(header)
+        if magic != MAGIC or block != BLOCK_SIZE:
+            raise ChainDamaged(str(path), "not a checksum file")
+        for _ in range(count):
+            raw = fh.read(_RECORD.size)
+            if len(raw) != _RECORD.size:
+                raise ChainDamaged(str(path), "checksum file truncated")
+            index, dig = _RECORD.unpack(raw)
+            yield int(index), bytes(dig)

@@ -1,0 +1,151 @@
+"""The exception tree of rbd2qcow2.
+
+Every error a user can meet derives from :class:`Error`; its docstring is the
+message template and its ``exit_code`` the process exit status (sysexits)::
+
+    BaseException
+     +-- Cancelled                 SIGINT/SIGTERM (exit 130/143)
+     +-- Exception
+          +-- Error                generic failure (exit 1)
+               +-- UsageError      bad arguments or names (64)
+               +-- DataError       a chain, manifest or layer is damaged (65)
+               |    +-- ChainDamaged
+               +-- NotFound        image, point or snapshot not found (66)
+               +-- CephUnavailable cluster unreachable or refused us (69)
+               +-- CephError       a Ceph call failed (74)
+               +-- QemuError       qemu-img or qemu-storage-daemon failed (74)
+               +-- NbdError        an NBD request failed (74)
+               +-- TargetError     the target directory cannot be used (73)
+               +-- Locked          another run holds the chain lock (75)
+               +-- ConfigError     configuration is wrong (78)
+
+``Cancelled`` derives from ``BaseException`` so that no ``except Exception``
+can swallow a Ctrl-C or a SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+class Error(Exception):
+    """{}"""
+
+    exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.args = args
+
+    def __str__(self) -> str:
+        doc = (type(self).__doc__ or "{}").strip()
+        try:
+            return doc.format(*self.args)
+        except (IndexError, KeyError):
+            return " ".join(str(a) for a in self.args) or doc
+
+
+class UsageError(Error):
+    """{}"""
+
+    exit_code = os.EX_USAGE
+
+
+class DataError(Error):
+    """{}"""
+
+    exit_code = os.EX_DATAERR
+
+
+class ChainDamaged(DataError):
+    """chain {} is damaged: {}"""
+
+
+class NotFound(Error):
+    """{}"""
+
+    exit_code = os.EX_NOINPUT
+
+
+class CephUnavailable(Error):
+    """Ceph cluster unavailable: {}"""
+
+    exit_code = os.EX_UNAVAILABLE
+
+
+class CephError(Error):
+    """Ceph: {}"""
+
+    exit_code = os.EX_IOERR
+
+
+class QemuError(Error):
+    """qemu: {}"""
+
+    exit_code = os.EX_IOERR
+
+
+class NbdError(Error):
+    """NBD: {}"""
+
+    exit_code = os.EX_IOERR
+
+
+class TargetError(Error):
+    """target: {}"""
+
+    exit_code = os.EX_CANTCREAT
+
+
+class Locked(Error):
+    """{} is locked by another rbd2qcow2 run"""
+
+    exit_code = os.EX_TEMPFAIL
+
+
+class ConfigError(Error):
+    """configuration: {}"""
+
+    exit_code = os.EX_CONFIG
+
+
+class Cancelled(BaseException):
+    """Cancelled by a signal; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return f"cancelled by {signal.Signals(self.signum).name}"
+
+
+# When several images fail differently, the most serious kind decides the exit
+# code: damaged data first, then what an operator must act on.
+SEVERITY = (
+    os.EX_DATAERR,
+    os.EX_IOERR,
+    os.EX_UNAVAILABLE,
+    os.EX_CANTCREAT,
+    os.EX_CONFIG,
+    os.EX_NOINPUT,
+    os.EX_TEMPFAIL,
+    os.EX_USAGE,
+    1,
+)
+
+
+def combined_exit_code(codes: list[int]) -> int:
+    """The exit code of a run whose images ended with ``codes`` (0 = success)."""
+    failed = [c for c in codes if c != 0]
+    if not failed:
+        return 0
+    for code in SEVERITY:
+        if code in failed:
+            return code
+    return max(failed)

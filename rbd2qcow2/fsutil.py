@@ -1,0 +1,106 @@
+"""File-system primitives: atomic replace, fsync of directories, chain locks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import Locked, TargetError
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file.
+
+    A temporary file in the same directory, fsync, ``os.replace``, fsync of the
+    directory (the pattern of borg's ``SaveFile``).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+            fh.flush()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it to ``final`` and fsync the directory."""
+    os.chmod(tmp, FILE_MODE)
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def make_dirs(root: Path, parts: tuple[str, ...]) -> Path:
+    """Create ``root/parts...`` with private modes; refuse links on the way."""
+    path = root
+    for part in parts:
+        path = path / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, DIR_MODE)
+        if path.is_symlink() or not path.is_dir():
+            raise TargetError(f"{path} is not a directory")
+    return path
+
+
+@contextlib.contextmanager
+def chain_lock(directory: Path, *, wait: bool, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory/lock`` for the block.
+
+    The kernel releases a flock when its holder dies, so a lock left by a
+    killed process is free again at once.
+    """
+    path = directory / "lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    except OSError as exc:
+        raise TargetError(f"cannot open lock file {path}: {exc.strerror}") from exc
+    try:
+        _acquire(fd, wait=wait, what=what, timeout=timeout)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, *, wait: bool, what: str, timeout: float | None) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if not wait or (deadline is not None and time.monotonic() > deadline):
+            raise Locked(what)
+        time.sleep(0.2)

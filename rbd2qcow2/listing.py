@@ -1,0 +1,84 @@
+"""``list``: chains and their points, read from the manifests only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import manifest as mf
+from .errors import ChainDamaged
+from .names import Selector
+from .target import iter_chains, open_target
+
+
+@dataclass(frozen=True)
+class PointRow:
+    ref: str
+    point: mf.Point
+    depth: int  # layers from the base to this point, inclusive
+
+
+def list_points(target: Path, selectors: list[Selector]) -> tuple[list[PointRow], list[ChainDamaged]]:
+    """Points of every selected chain, oldest first; damaged manifests apart."""
+    open_target(target, create=False)
+    rows: list[PointRow] = []
+    damaged: list[ChainDamaged] = []
+    for _path, item in iter_chains(target):
+        if isinstance(item, ChainDamaged):
+            damaged.append(item)
+            continue
+        if selectors and not any(s.matches(item.image) for s in selectors):
+            continue
+        for p in item.points:
+            rows.append(PointRow(f"{item.image}@{p.id}", p, len(item.chain_of(p.id))))
+    return rows, damaged
+
+
+def row_dict(row: PointRow) -> dict[str, Any]:
+    p = row.point
+    return {
+        "point": row.ref,
+        "id": p.id,
+        "created": p.created,
+        "kind": p.kind,
+        "parent": p.parent,
+        "depth": row.depth,
+        "virtual_size": p.size,
+        "stored_bytes": p.stored_bytes,
+        "data_bytes": p.data_bytes,
+        "zero_bytes": p.zero_bytes,
+        "snapshot": p.snapshot.name,
+        "snapshot_id": p.snapshot.id,
+        "image_id": p.image_id,
+        "file": p.file,
+        "flags": list(p.flags),
+    }
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_table(rows: list[PointRow]) -> str:
+    header = ("POINT", "CREATED", "KIND", "DEPTH", "SIZE", "STORED", "SNAPSHOT")
+    lines = [header]
+    for r in rows:
+        p = r.point
+        lines.append(
+            (
+                r.ref + (" [" + ",".join(p.flags) + "]" if p.flags else ""),
+                p.created,
+                p.kind,
+                str(r.depth),
+                human_size(p.size),
+                human_size(p.stored_bytes),
+                p.snapshot.name,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip() for line in lines)

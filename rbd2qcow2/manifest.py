@@ -1,0 +1,184 @@
+"""The manifest of one image's chain directory: schema, load, atomic save.
+
+``manifest.json`` is the single commit point of every operation on a chain:
+a layer file that the manifest does not name is an orphan that the next run
+removes.  It carries a SHA-256 of its own canonical content, so a flipped
+byte is reported as damage instead of being trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ChainDamaged
+from .fsutil import atomic_write
+from .names import ImageSpec, is_point_id
+
+FORMAT = "rbd2qcow2-manifest"
+VERSION = 1
+NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    id: int
+
+
+@dataclass(frozen=True)
+class Checksums:
+    """Where a point's per-block checksums live and how they were made."""
+
+    file: str
+    algorithm: str
+    block_size: int
+    sha256: str  # of the checksum file itself
+
+
+@dataclass(frozen=True)
+class Point:
+    id: str
+    file: str
+    parent: str | None
+    created: str  # ISO 8601, UTC
+    size: int  # virtual size in bytes = the snapshot's size
+    image_id: str
+    snapshot: Snapshot
+    kind: str  # "full" | "incremental"
+    stored_bytes: int  # size of the layer file on disk
+    data_bytes: int  # bytes written as data into this layer
+    zero_bytes: int  # bytes written as zeros into this layer
+    checksums: Checksums | None = None
+    flags: tuple[str, ...] = ()
+
+    @property
+    def is_full(self) -> bool:
+        return self.parent is None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    image: ImageSpec
+    image_id: str
+    target_tag: str
+    points: tuple[Point, ...] = field(default=())
+
+    def point(self, point_id: str) -> Point:
+        for p in self.points:
+            if p.id == point_id:
+                return p
+        raise KeyError(point_id)
+
+    @property
+    def latest(self) -> Point | None:
+        return self.points[-1] if self.points else None
+
+    def chain_of(self, point_id: str) -> list[Point]:
+        """The point and its ancestors, base first."""
+        chain: list[Point] = []
+        current: str | None = point_id
+        while current is not None:
+            p = self.point(current)
+            chain.append(p)
+            current = p.parent
+        return chain[::-1]
+
+    def with_point(self, point: Point, image_id: str) -> Manifest:
+        return dataclasses.replace(self, points=(*self.points, point), image_id=image_id)
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def to_dict(m: Manifest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "pool": m.image.pool,
+        "namespace": m.image.namespace,
+        "image": m.image.name,
+        "image_id": m.image_id,
+        "target_tag": m.target_tag,
+        "points": [dataclasses.asdict(p) for p in m.points],
+    }
+    for p in body["points"]:
+        p["flags"] = list(p["flags"])
+    return body
+
+
+def dumps(m: Manifest) -> bytes:
+    body = to_dict(m)
+    body["sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
+    return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
+def _point(raw: dict[str, Any]) -> Point:
+    sums = raw.get("checksums")
+    return Point(
+        id=str(raw["id"]),
+        file=str(raw["file"]),
+        parent=None if raw["parent"] is None else str(raw["parent"]),
+        created=str(raw["created"]),
+        size=int(raw["size"]),
+        image_id=str(raw["image_id"]),
+        snapshot=Snapshot(str(raw["snapshot"]["name"]), int(raw["snapshot"]["id"])),
+        kind=str(raw["kind"]),
+        stored_bytes=int(raw["stored_bytes"]),
+        data_bytes=int(raw["data_bytes"]),
+        zero_bytes=int(raw["zero_bytes"]),
+        checksums=None if sums is None else Checksums(**sums),
+        flags=tuple(str(f) for f in raw.get("flags", ())),
+    )
+
+
+def loads(data: bytes, where: str) -> Manifest:
+    try:
+        body = json.loads(data)
+        digest = body.pop("sha256")
+        if hashlib.sha256(_canonical(body)).hexdigest() != digest:
+            raise ChainDamaged(where, "manifest checksum mismatch")
+        if body["format"] != FORMAT or body["version"] != VERSION:
+            raise ChainDamaged(where, f"unknown manifest format {body['format']!r} v{body['version']}")
+        m = Manifest(
+            image=ImageSpec(str(body["pool"]), str(body["namespace"]), str(body["image"])),
+            image_id=str(body["image_id"]),
+            target_tag=str(body["target_tag"]),
+            points=tuple(_point(p) for p in body["points"]),
+        )
+    except ChainDamaged:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ChainDamaged(where, f"unreadable manifest: {exc!r}") from exc
+    _check_consistency(m, where)
+    return m
+
+
+def _check_consistency(m: Manifest, where: str) -> None:
+    seen: set[str] = set()
+    for p in m.points:
+        if not is_point_id(p.id) or p.file != f"{p.id}.qcow2":
+            raise ChainDamaged(where, f"bad point id or file name {p.id!r}/{p.file!r}")
+        if p.parent is not None and p.parent not in seen:
+            raise ChainDamaged(where, f"point {p.id} has unknown parent {p.parent}")
+        if p.id in seen:
+            raise ChainDamaged(where, f"duplicate point {p.id}")
+        seen.add(p.id)
+
+
+def load(directory: Path) -> Manifest | None:
+    path = directory / NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return loads(data, str(directory))
+
+
+def save(directory: Path, m: Manifest) -> None:
+    atomic_write(directory / NAME, dumps(m))

@@ -1,0 +1,299 @@
+"""The qemu boundary: qemu-img and qemu-storage-daemon (driven over QMP).
+
+Nothing else in rbd2qcow2 runs a qemu binary.  Every image is opened with an
+explicit driver, and chains are given to qemu as explicit nested blockdev
+options ending in ``"backing": null``, so qemu never follows a backing file
+name written in a header.  Failures become :class:`~rbd2qcow2.errors.QemuError`
+with the command line and qemu's own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .errors import QemuError
+
+logger = logging.getLogger(__name__)
+
+CLUSTER_SIZE = 65536
+QMP_TIMEOUT = 30.0
+
+
+def _run(args: Sequence[str], *, what: str) -> str:
+    try:
+        proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise QemuError(f"cannot run {args[0]}: {exc.strerror}") from exc
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip()
+        raise QemuError(f"{what} failed (exit {proc.returncode}): {msg} [{' '.join(args)}]")
+    return proc.stdout
+
+
+def file_node(path: Path, *, direct: bool = False, read_only: bool = True) -> dict[str, Any]:
+    node: dict[str, Any] = {"driver": "file", "filename": str(path)}
+    if direct:
+        node["aio"] = "io_uring"
+        node["cache"] = {"direct": True}
+    if read_only:
+        node["read-only"] = True
+    return node
+
+
+def chain_options(files: Sequence[Path], *, writable_top: bool = False, direct: bool = False) -> dict[str, Any]:
+    """Nested qcow2 blockdev options for ``files`` (base first, top last).
+
+    The base gets ``"backing": null``; each upper layer names its backing node
+    explicitly, so the headers' backing names are never followed.
+    """
+    opts: dict[str, Any] | None = None
+    for i, path in enumerate(files):
+        top = i == len(files) - 1
+        writable = top and writable_top
+        node: dict[str, Any] = {
+            "driver": "qcow2",
+            "file": file_node(path, direct=direct and writable, read_only=not writable),
+            "backing": opts,
+        }
+        if not writable:
+            node["read-only"] = True
+        opts = node
+    if opts is None:
+        raise ValueError("empty chain")
+    return opts
+
+
+def json_filename(opts: dict[str, Any]) -> str:
+    return "json:" + json.dumps(opts)
+
+
+def create_layer(path: Path, size: int, backing: str | None) -> None:
+    """Create a qcow2 layer (compat 1.1, 64 KiB clusters), mode 0600.
+
+    ``backing`` is a name relative to the layer's directory; it is written
+    into the header unchecked (``-u``): qemu does not open it here.
+    """
+    args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat=1.1,cluster_size={CLUSTER_SIZE}"]
+    if backing is not None:
+        args += ["-u", "-b", backing, "-F", "qcow2"]
+    args += [str(path), str(size)]
+    _run(args, what="qemu-img create")
+    os.chmod(path, 0o600)
+
+
+def check_layer(path: Path) -> dict[str, Any]:
+    """``qemu-img check`` of one layer alone (its backing file is not opened)."""
+    opts = {"driver": "qcow2", "file": file_node(path), "backing": None}
+    try:
+        proc = subprocess.run(
+            ["qemu-img", "check", "--output=json", json_filename(opts)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError:
+        raise QemuError(f"qemu-img check {path} failed: {proc.stderr.strip()}") from None
+    if proc.returncode not in (0, 3):  # 3: leaked clusters only, harmless
+        raise QemuError(f"qemu-img check {path} found errors: {proc.stdout.strip()} {proc.stderr.strip()}")
+    return report
+
+
+def info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of one file (qemu-img info does not open backing files)."""
+    out = _run(["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(path)], what="qemu-img info")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def convert_to_raw(files: Sequence[Path], out: Path) -> None:
+    """Flatten a chain (base first) into a raw file with qemu-img convert."""
+    _run(
+        ["qemu-img", "convert", "-W", "-m", "16", "-O", "raw", json_filename(chain_options(files)), str(out)],
+        what="qemu-img convert",
+    )
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class Export:
+    """One NBD export of a storage daemon: connect to ``socket``, export ``name``."""
+
+    name: str
+    socket: Path
+    node: str
+
+
+class StorageDaemon:
+    """One ``qemu-storage-daemon``, controlled over QMP; a context manager.
+
+    It can hold several exports at once.  The daemon is started with
+    ``PR_SET_PDEATHSIG`` so it ends when this process dies, even by SIGKILL.
+    """
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="rbd2qcow2-qsd-"))
+        os.chmod(self._dir, 0o700)
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._nbd_socket = self._dir / "nbd.sock"
+        self._count = 0
+
+    def __enter__(self) -> StorageDaemon:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        qmp_path = self._dir / "qmp.sock"
+        self._qmp = QEMUMonitorProtocol(str(qmp_path), server=True)
+        log = open(self._dir / "qsd.log", "wb")  # noqa: SIM115 - kept by the child
+        with log:
+            try:
+                self._proc = subprocess.Popen(
+                    [
+                        "qemu-storage-daemon",
+                        "--chardev",
+                        f"socket,id=qmp0,path={qmp_path}",
+                        "--monitor",
+                        "chardev=qmp0",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                raise QemuError(f"cannot start qemu-storage-daemon: {exc.strerror}") from exc
+        try:
+            self._qmp.accept(QMP_TIMEOUT)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise QemuError(f"qemu-storage-daemon did not connect to QMP: {exc!r} {self._log_tail()}") from exc
+        self.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(self._nbd_socket)}})
+
+    def _log_tail(self) -> str:
+        try:
+            return (self._dir / "qsd.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def cmd(self, command: str, **args: Any) -> Any:
+        if self._qmp is None:
+            raise QemuError("storage daemon not running")
+        try:
+            reply = self._qmp.cmd_raw(command, args or None)
+        except (QMPError, OSError) as exc:
+            raise QemuError(f"QMP {command} failed: {exc!r} {self._log_tail()}") from exc
+        if "error" in reply:
+            raise QemuError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def export_chain(self, files: Sequence[Path], *, writable: bool, direct: bool = False) -> Export:
+        """Open a chain (base first) and export its top over NBD."""
+        self._count += 1
+        node = f"n{self._count}"
+        opts = chain_options(files, writable_top=writable, direct=direct)
+        opts["node-name"] = node
+        self.cmd("blockdev-add", **opts)
+        name = f"e{self._count}"
+        try:
+            self.cmd("block-export-add", type="nbd", id=name, **{"node-name": node}, name=name, writable=writable)
+        except QemuError:
+            self.cmd("blockdev-del", **{"node-name": node})
+            raise
+        return Export(name=name, socket=self._nbd_socket, node=node)
+
+    def remove_export(self, export: Export) -> None:
+        """Close an export and its nodes; waits until qemu has let go of the files."""
+        self._delete_export(export.name)
+        self._wait_export_deleted(export.name)
+        self.cmd("blockdev-del", **{"node-name": export.node})
+
+    def _delete_export(self, name: str) -> None:
+        """``block-export-del``, waiting for our clients' disconnects to reach qemu.
+
+        Callers flush and close their connections first; a client that is
+        still connected after the grace period is cut off (mode ``hard``).
+        """
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self.cmd("block-export-del", id=name)
+                return
+            except QemuError as exc:
+                if "in use" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    logger.warning("export %s still has clients; disconnecting them", name)
+                    self.cmd("block-export-del", id=name, mode="hard")
+                    return
+            time.sleep(0.01)
+
+    def _wait_export_deleted(self, name: str) -> None:
+        deadline = time.monotonic() + QMP_TIMEOUT
+        assert self._qmp is not None
+        while time.monotonic() < deadline:
+            exports = self.cmd("query-block-exports")
+            if not any(e.get("id") == name for e in exports):
+                return
+            time.sleep(0.02)
+        raise QemuError(f"export {name} was not deleted in time")
+
+    def close(self) -> None:
+        """Quit the daemon (QMP ``quit``, then SIGTERM, then SIGKILL) and clean up."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(QemuError):
+                self.cmd("quit")
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+
+@contextlib.contextmanager
+def storage_daemon() -> Iterator[StorageDaemon]:
+    with StorageDaemon() as daemon:
+        yield daemon

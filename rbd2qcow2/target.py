@@ -1,0 +1,61 @@
+"""The target directory: its identity tag and the chain directories in it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import manifest as mf
+from .errors import ChainDamaged, TargetError
+from .fsutil import DIR_MODE, atomic_write
+from .names import ImageSpec, chain_relpath, is_target_tag
+
+TAG_FILE = ".rbd2qcow2-target"
+
+
+def open_target(root: Path, *, create: bool) -> str:
+    """The target's tag (8 hex digits), made on first use when ``create``.
+
+    The tag is part of every snapshot name this target creates, so two
+    targets backing up the same image never remove each other's snapshots.
+    """
+    if create:
+        try:
+            os.makedirs(root, DIR_MODE, exist_ok=True)
+        except OSError as exc:
+            raise TargetError(f"cannot create {root}: {exc.strerror}") from exc
+    if not root.is_dir():
+        raise TargetError(f"{root} is not a directory")
+    path = root / TAG_FILE
+    try:
+        tag = json.loads(path.read_text())["tag"]
+    except FileNotFoundError:
+        if not create:
+            raise TargetError(f"{root} is not an rbd2qcow2 target (no {TAG_FILE})") from None
+        tag = secrets.token_hex(4)
+        atomic_write(path, json.dumps({"format": "rbd2qcow2-target", "tag": tag}).encode() + b"\n")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise TargetError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(tag, str) or not is_target_tag(tag):
+        raise TargetError(f"{path} holds an invalid tag")
+    return tag
+
+
+def chain_dir(root: Path, image: ImageSpec) -> Path:
+    return root.joinpath(*chain_relpath(image))
+
+
+def iter_chains(root: Path) -> Iterator[tuple[Path, mf.Manifest | ChainDamaged]]:
+    """Every chain directory under the target with its manifest (or its damage)."""
+    for path in sorted(root.rglob(mf.NAME)):
+        if path.is_file() and not path.is_symlink():
+            try:
+                m = mf.load(path.parent)
+            except ChainDamaged as exc:
+                yield path.parent, exc
+                continue
+            if m is not None:
+                yield path.parent, m
