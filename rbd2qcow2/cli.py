@@ -42,17 +42,31 @@ def _add_ceph(p: argparse.ArgumentParser) -> None:
     g.add_argument("--conf", "-c", help="ceph.conf (default: $CEPH_CONF or Ceph's search path)")
     g.add_argument("--id", dest="client_id", help="client id, as for the rbd command (default: admin)")
     g.add_argument("--keyring", help="keyring file")
+    g.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=30,
+        metavar="SECONDS",
+        help="give up reaching the cluster after this",
+    )
+
+
+def _add_logging(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more log output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="errors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rbd2qcow2", description="Incremental backups of Ceph RBD images into qcow2 chains.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    _add_logging(parser, None)
+    # The same options after the command name; SUPPRESS keeps the top-level value when absent.
+    common = _Parser(add_help=False)
+    _add_logging(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    b = sub.add_parser("backup", help="take a new point of every selected image")
+    b = sub.add_parser("backup", parents=[common], help="take a new point of every selected image")
     b.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
     _add_ceph(b)
     b.add_argument("--parallel", "-p", type=_positive, default=4, help="reader threads per image (default 4)")
@@ -63,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("specs", nargs="+", metavar="SPEC", help="POOL, POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     b.set_defaults(func=cmd_backup)
 
-    ls = sub.add_parser("list", help="chains and their points, oldest first")
+    ls = sub.add_parser("list", parents=[common], help="chains and their points, oldest first")
     ls.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("specs", nargs="*", metavar="SPEC", help="only these pools or images")
@@ -74,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_backup(args: argparse.Namespace) -> int:
     opts = BackupOptions(
         target=args.target,
-        ceph=CephOptions(conf=args.conf, client_id=args.client_id, keyring=args.keyring),
+        ceph=CephOptions(
+            conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
+        ),
         parallel=args.parallel,
         full=args.full,
         whole_object=args.whole_object,
@@ -129,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as exc:
             print(f"{exc}\nTry 'rbd2qcow2 --help'.", file=sys.stderr)
             return exc.exit_code
-        _setup_logging(args.verbose, args.quiet)
+        _setup_logging(args.verbose or 0, bool(args.quiet))
         code: int = args.func(args)
         return code
     except Cancelled as exc:

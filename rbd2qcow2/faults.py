@@ -1,16 +1,23 @@
-"""Named crash points for fault tests.
+"""Named fault points for crash and signal tests.
 
-``RBD2QCOW2_CRASH_AT=<name>`` in the environment makes the process SIGKILL
-itself when it reaches that point, so tests can kill the real process at an
-exact step of the commit sequence.  Unset, a crash point costs one lookup.
+``RBD2QCOW2_CRASH_AT=<name>`` makes the process SIGKILL itself when it
+reaches that point, so tests kill the real process at an exact step of the
+commit sequence.  ``RBD2QCOW2_STALL_AT=<name>`` makes it create the file
+``$RBD2QCOW2_STALL_FILE`` there and sleep, so a test can send a signal at
+that exact step.  Unset, a fault point costs two environment lookups.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
-ENV = "RBD2QCOW2_CRASH_AT"
+CRASH_ENV = "RBD2QCOW2_CRASH_AT"
+STALL_ENV = "RBD2QCOW2_STALL_AT"
+STALL_FILE_ENV = "RBD2QCOW2_STALL_FILE"
+STALL_SECONDS = 60.0
 POINTS = (
     "after-snapshot",
     "mid-transfer",
@@ -21,5 +28,8 @@ POINTS = (
 
 
 def crashpoint(name: str) -> None:
-    if os.environ.get(ENV) == name:
+    if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(STALL_ENV) == name:
+        Path(os.environ[STALL_FILE_ENV]).touch()
+        time.sleep(STALL_SECONDS)

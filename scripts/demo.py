@@ -36,10 +36,13 @@ def scribble(env: dict[str, str], pool: str, name: str, size: int, rng: random.R
     import rados
     import rbd
 
-    with rados.Rados(conffile=env["CEPH_CONF"]) as cluster, cluster.open_ioctx(pool) as ioctx:
-        with rbd.Image(ioctx, name) as img:
-            for _ in range(writes):
-                img.write(rng.randbytes(MiB), rng.randrange(0, size // MiB) * MiB)
+    with (
+        rados.Rados(conffile=env["CEPH_CONF"]) as cluster,
+        cluster.open_ioctx(pool) as ioctx,
+        rbd.Image(ioctx, name) as img,
+    ):
+        for _ in range(writes):
+            img.write(rng.randbytes(MiB), rng.randrange(0, size // MiB) * MiB)
 
 
 def main() -> int:

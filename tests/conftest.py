@@ -14,8 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cephcluster import CephCluster  # noqa: E402
-from helpers import Ceph  # noqa: E402
+from cephcluster import CephCluster
+from helpers import Ceph
 
 CEPH_BINARIES = ("ceph-mon", "ceph-osd", "ceph", "rbd")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import MiB, Ceph, Workload, assert_same_content, qcow2_to_raw
+from helpers import Ceph, MiB, Workload, assert_same_content, qcow2_to_raw
 
 import rbd2qcow2
 from rbd2qcow2 import manifest as mf
