@@ -334,3 +334,64 @@ def test_permissions_and_list(ceph: Ceph, target: Path, image_name: str, tmp_pat
     assert all(r["virtual_size"] == 24 * MiB and r["stored_bytes"] > 0 for r in rows)
     text = run_cli("list", "--target", str(target), f"{ceph.pool}/{image_name}").stdout
     assert "incremental" in text and image_name in text
+
+
+def test_namespace_and_restricted_client(ceph_cluster: object, ceph: Ceph, tmp_path: Path) -> None:
+    """A namespaced image, backed up as a client with only `profile rbd` caps."""
+    import rbd
+
+    target = tmp_path / "t"
+    ns = "tenant 1"
+    rbd.RBD().namespace_create(ceph.ioctx, ns)  # type: ignore[attr-defined]
+    keyring = ceph_cluster.create_user(  # type: ignore[attr-defined]
+        "client.r2qtest", {"mon": "profile rbd", "osd": f"profile rbd pool={ceph.pool}"}
+    )
+    ceph.ioctx.set_namespace(ns)
+    try:
+        make_image(ceph, "vm")
+        args = ["--id", "r2qtest", "--keyring", str(keyring)]
+        proc = run_cli("backup", "--target", str(target), *args, f"{ceph.pool}/{ns}/vm")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"{ceph.pool}/{ns}/vm@")
+        m = mf.load(chain_dir(target, ImageSpec(ceph.pool, ns, "vm")))
+        assert m is not None and m.image == ImageSpec(ceph.pool, ns, "vm")
+        point = m.points[0]
+        expected = tmp_path / "e"
+        subprocess.run(
+            [
+                "rbd",
+                "-c",
+                str(ceph.conf),
+                "export",
+                "--no-progress",
+                f"{ceph.pool}/{ns}/vm@{point.snapshot.name}",
+                str(expected),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        layer = chain_dir(target, ImageSpec(ceph.pool, ns, "vm")) / point.file
+        assert_same_content(qcow2_to_raw(layer, tmp_path / "a.raw"), expected)
+        # A whole-pool SPEC finds namespaced images too.
+        proc = run_cli("backup", "--target", str(target), *args, ceph.pool)
+        assert f"{ceph.pool}/{ns}/vm@" in proc.stdout
+    finally:
+        ceph.ioctx.set_namespace("")
+
+
+def test_clone_backs_up_parent_data(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:
+    """A layered clone: the full backup includes the parent's data, incrementals the clone's writes."""
+    import rbd
+
+    parent = f"{image_name}-parent"
+    work = make_image(ceph, parent, size=16 * MiB)
+    with ceph.image(parent) as img:
+        img.create_snap("base")
+        img.protect_snap("base")  # type: ignore[attr-defined]
+    rbd.RBD().clone(ceph.ioctx, parent, "base", ceph.ioctx, image_name, features=1)  # type: ignore[attr-defined]
+    p1, e1 = backup_checked(ceph, target, image_name, tmp_path)
+    expect_point(ceph, target, image_name, p1, e1, tmp_path)
+    change(ceph, image_name, work)
+    p2, e2 = backup_checked(ceph, target, image_name, tmp_path)
+    assert p2.kind == "incremental"
+    expect_point(ceph, target, image_name, p2, e2, tmp_path)
