@@ -31,6 +31,7 @@ from pathlib import Path
 from . import manifest as mf
 from . import names, qemu
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
+from .chain import checked_chain
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from .errors import Cancelled, ChainDamaged, Error, QemuError, UsageError
 from .extents import Chunk, plan, windows
@@ -154,12 +155,13 @@ class ImageBackup:
                 raise ChainDamaged(str(self.dir), "manifest belongs to another target")
             self._clean_orphans(manifest, img)
             base = choose_base(manifest, img.snapshots(), image_id, full=self.opts.full, directory=self.dir)
+            base, files = self._base_chain(manifest, base)
             logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
             point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
             snap = img.create_snapshot(names.snapshot_name(self.tag, point_id))
         try:
             crashpoint("after-snapshot")
-            point = self._write_point(manifest, base, point_id, snap, image_id)
+            point = self._write_point(files, base, point_id, snap, image_id)
             mf.save(self.dir, manifest.with_point(point, image_id))
         except BaseException:
             self._abandon(point_id, snap.name)
@@ -211,12 +213,21 @@ class ImageBackup:
             logger.warning("%s: old snapshot not removed: %s (the next run removes it)", self.image, exc)
 
     # -- steps 4 and 5 -----------------------------------------------------
-    def _write_point(self, manifest: mf.Manifest, base: Base, point_id: str, snap: SnapInfo, image_id: str) -> mf.Point:
+    def _base_chain(self, manifest: mf.Manifest, base: Base) -> tuple[Base, list[Path]]:
+        """The base's layer files, headers checked; a damaged chain gets a new full chain."""
+        if base.point is None:
+            return base, []
+        try:
+            return base, checked_chain(self.dir, manifest, base.point.id)
+        except ChainDamaged as exc:
+            logger.error("%s: %s", self.image, exc)
+            return Base(None, f"chain of {base.point.id} is damaged: new chain"), []
+
+    def _write_point(self, files: list[Path], base: Base, point_id: str, snap: SnapInfo, image_id: str) -> mf.Point:
         layer = self.dir / names.layer_file(point_id)
         tmp = self.dir / names.partial(layer.name)
         sums_final = self.dir / names.sums_file(point_id)
         qemu.create_layer(tmp, snap.size, base.point.file if base.point else None)
-        files = [self.dir / p.file for p in manifest.chain_of(base.point.id)] if base.point else []
         sums = OrderedWriter(self.dir / names.partial(sums_final.name))
         try:
             stats = self._transfer([*files, tmp], base, snap, sums)
