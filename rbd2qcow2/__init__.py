@@ -10,10 +10,29 @@ Library use::
         print(r.point_ref or r.error)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import Cancelled, Error
+
 __version__ = "0.1.0"
 
-from .backup import BackupOptions, BackupResult, backup
-from .ceph import CephOptions
-from .errors import Cancelled, Error
+if TYPE_CHECKING:
+    from .backup import BackupOptions, BackupResult, backup
+    from .ceph import CephOptions
+
+# The Ceph bindings load on first use, so that restores from files work on a
+# machine without them.
+_LAZY = {"BackupOptions": "backup", "BackupResult": "backup", "backup": "backup", "CephOptions": "ceph"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)
+
 
 __all__ = ["BackupOptions", "BackupResult", "Cancelled", "CephOptions", "Error", "__version__", "backup"]

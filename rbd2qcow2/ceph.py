@@ -112,6 +112,20 @@ class Cluster:
             finally:
                 img.close()
 
+    def exists(self, spec: ImageSpec) -> bool:
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            names = _wrap(f"listing {spec.pool}", lambda: rbd.RBD().list(ioctx))
+        return spec.name in names
+
+    def create_image(self, spec: ImageSpec, size: int) -> None:
+        """A new image with the cluster's default features."""
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            _wrap(f"create image {spec}", lambda: rbd.RBD().create(ioctx, spec.name, size, old_format=False))
+
+    def remove_image(self, spec: ImageSpec) -> None:
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            _wrap(f"remove image {spec}", lambda: rbd.RBD().remove(ioctx, spec.name))
+
 
 class RbdImage:
     """An open ``rbd.Image``."""
@@ -158,6 +172,20 @@ class RbdImage:
             ),
         )
         return out
+
+    def resize(self, size: int) -> None:
+        _wrap(f"{self.label}: resize to {size}", lambda: self._img.resize(size, allow_shrink=True))
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Writer protocol of the pipeline (``Image.write`` takes only bytes)."""
+        buf = data if isinstance(data, bytes) else bytes(data)
+        written = _wrap(f"{self.label}: write {len(buf)} at {offset}", lambda: self._img.write(buf, offset))
+        if written != len(buf):
+            raise CephError(f"{self.label}: short write at {offset}: {written} of {len(buf)} bytes")
+
+    def zero(self, length: int, offset: int) -> None:
+        """Make ``[offset, offset+length)`` read as zeros."""
+        _wrap(f"{self.label}: write zeroes {length} at {offset}", lambda: self._img.write_zeroes(offset, length))
 
     def read(self, offset: int, length: int) -> bytes:
         data = _wrap(f"{self.label}: read {length} at {offset}", lambda: self._img.read(offset, length))

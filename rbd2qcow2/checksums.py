@@ -76,8 +76,8 @@ class OrderedWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
-        os.chmod(path, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self._fh: BinaryIO = os.fdopen(fd, "wb")
         self._fh.write(_HEADER.pack(MAGIC, BLOCK_SIZE, 0, 0))
         self._pending: list[tuple[int, bytes]] = []
         self._next = 0

@@ -13,11 +13,12 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .backup import BackupOptions, backup
-from .ceph import CephOptions
 from .errors import Cancelled, Error, UsageError, combined_exit_code
 from .listing import format_table, list_points, row_dict
 from .names import parse_spec
+
+# Modules that import the Ceph bindings (backup, ceph) are imported by the
+# commands that need them, so file restores work on a machine without Ceph.
 
 logger = logging.getLogger("rbd2qcow2")
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("specs", nargs="+", metavar="SPEC", help="POOL, POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     b.set_defaults(func=cmd_backup)
 
+    _add_restore_commands(sub, common)
+
     ls = sub.add_parser("list", parents=[common], help="chains and their points, oldest first")
     ls.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -85,7 +88,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_restore_commands(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    r = sub.add_parser("restore", parents=[common], help="restore a point into RBD, a raw file or a flat qcow2")
+    r.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    r.add_argument("point", metavar="POINT", help="POOL/IMAGE@POINT (POINT: an id, 'latest' or a date prefix)")
+    r.add_argument("--to", required=True, metavar="DEST", help="rbd:POOL/IMAGE, or a file path")
+    r.add_argument("--format", "-f", choices=("raw", "qcow2"), help="file format for a path (default raw)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing image or file")
+    r.add_argument("--parallel", "-p", type=_positive, default=4, help="writer threads for RBD (default 4)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_ceph(r)
+    r.set_defaults(func=cmd_restore)
+
+    o = sub.add_parser("overlay", parents=[common], help="a writable qcow2 overlay of a point, to boot a VM")
+    o.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    o.add_argument("point", metavar="POINT", help="POOL/IMAGE@POINT")
+    o.add_argument("new", metavar="NEW.qcow2", type=Path, help="the overlay to create")
+    o.set_defaults(func=cmd_overlay)
+
+    s = sub.add_parser("serve", parents=[common], help="a read-only NBD export of a point on a Unix socket")
+    s.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    s.add_argument("point", metavar="POINT", help="POOL/IMAGE@POINT")
+    s.add_argument("--socket", required=True, type=Path, help="socket path, in a private directory")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from . import restore
+
+    loc = restore.locate(args.target, args.point)
+    if args.to.startswith("rbd:"):
+        if args.format is not None:
+            raise UsageError("--format applies to file destinations only")
+        from .ceph import CephOptions, Cluster
+
+        dest = restore.parse_rbd_dest(args.to)
+        opts = CephOptions(
+            conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
+        )
+        with Cluster(opts) as cluster:
+            restore.restore_rbd(
+                loc, dest, cluster, force=args.force, parallel=args.parallel, progress=not args.no_progress
+            )
+        print(f"{loc.ref} -> rbd:{dest}")
+    else:
+        restore.restore_file(loc, Path(args.to), args.format or "raw", force=args.force)
+        print(f"{loc.ref} -> {args.to}")
+    return 0
+
+
+def cmd_overlay(args: argparse.Namespace) -> int:
+    from . import restore
+
+    loc = restore.locate(args.target, args.point)
+    restore.make_overlay(loc, args.new)
+    print(args.new)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import restore
+
+    loc = restore.locate(args.target, args.point)
+    try:
+        restore.serve(loc, args.socket, lambda uri: print(uri, flush=True))
+    except Cancelled as exc:
+        logger.info("%s: export of %s stopped", exc, loc.ref)
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import BackupOptions, backup
+    from .ceph import CephOptions
+
     opts = BackupOptions(
         target=args.target,
         ceph=CephOptions(

@@ -92,23 +92,23 @@ def subtract(ranges: list[Range], holes: list[Range]) -> list[Range]:
 
 
 def _cluster_ranges(extents: Iterable[Extent], cluster: int) -> tuple[list[Range], list[Range]]:
-    reads: list[Range] = []
-    zeros: list[Range] = []
+    data: list[Range] = []
+    zero: list[Range] = []
     for ext in extents:
-        if ext.length <= 0:
-            continue
-        start, end = ext.offset, ext.offset + ext.length
-        outer = (align_down(start, cluster), align_up(end, cluster))
-        if ext.exists:
-            reads.append(outer)
-            continue
+        if ext.length > 0:
+            (data if ext.exists else zero).append((ext.offset, ext.offset + ext.length))
+    reads = [(align_down(s, cluster), align_up(e, cluster)) for s, e in data]
+    zeros: list[Range] = []
+    # Zero extents are merged first, so that clusters covered by several of
+    # them together count as wholly covered.
+    for start, end in union(zero):
         inner = (align_up(start, cluster), align_down(end, cluster))
+        outer = (align_down(start, cluster), align_up(end, cluster))
         if inner[0] >= inner[1]:
             reads.append(outer)
             continue
         zeros.append(inner)
-        reads.append((outer[0], inner[0]))
-        reads.append((inner[1], outer[1]))
+        reads += [(outer[0], inner[0]), (inner[1], outer[1])]
     merged_reads = union(reads)
     return merged_reads, subtract(union(zeros), merged_reads)
 

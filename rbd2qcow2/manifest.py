@@ -153,7 +153,7 @@ def loads(data: bytes, where: str) -> Manifest:
         )
     except ChainDamaged:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ChainDamaged(where, f"unreadable manifest: {exc!r}") from exc
     _check_consistency(m, where)
     return m

@@ -22,8 +22,8 @@ MAX_COMPONENT = 200
 NAMESPACE_MARK = "@"  # never produced by encode(), so "@ns" cannot collide
 SNAP_PREFIX = "rbd2qcow2"
 _SAFE = re.compile(rb"[A-Za-z0-9_.-]")
-_POINT_RE = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
-_TAG_RE = re.compile(r"^[0-9a-f]{8}$")
+_POINT_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?")
+_TAG_RE = re.compile(r"[0-9a-f]{8}")
 
 
 @dataclass(frozen=True, order=True)
@@ -115,7 +115,7 @@ def point_id(when: datetime, taken: set[str]) -> str:
 
 
 def is_point_id(text: str) -> bool:
-    return bool(_POINT_RE.match(text))
+    return bool(_POINT_RE.fullmatch(text))
 
 
 def layer_file(point: str) -> str:
@@ -142,4 +142,4 @@ def is_own_snapshot(snap_name: str, target_tag: str) -> bool:
 
 
 def is_target_tag(text: str) -> bool:
-    return bool(_TAG_RE.match(text))
+    return bool(_TAG_RE.fullmatch(text))

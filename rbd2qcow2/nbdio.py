@@ -17,15 +17,57 @@ from .errors import NbdError
 
 
 class Connection:
-    """A connected libnbd handle to one export."""
+    """A connected libnbd handle to one export (with the base:allocation context)."""
 
     def __init__(self, socket: Path, export: str) -> None:
         try:
             self._h = nbd.NBD()
+            self._h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             self._h.set_export_name(export)
             self._h.connect_unix(str(socket))
         except nbd.Error as exc:
             raise NbdError(f"cannot connect to export {export!r}: {exc}") from exc
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Reader protocol of the pipeline."""
+        return self.pread(length, offset)
+
+    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(offset, length, reads_as_zero)`` runs covering ``[offset, offset+length)``.
+
+        From NBD block status (base:allocation): qemu reports clusters that
+        no layer allocates, and zero clusters, as zero.
+        """
+        runs: list[tuple[int, int, bool]] = []
+        pos, end = offset, offset + length
+
+        def collect(_meta: str, start: int, entries: list[int], _err: object) -> int:
+            cur = start
+            for i in range(0, len(entries) - 1, 2):
+                ln, flags = entries[i], entries[i + 1]
+                ln = min(ln, end - cur)
+                if ln <= 0:
+                    break
+                runs.append((cur, ln, bool(flags & nbd.STATE_ZERO)))
+                cur += ln
+            return 0
+
+        while pos < end:
+            before = len(runs)
+            try:
+                self._h.block_status(min(end - pos, 1 << 30), pos, collect)
+            except nbd.Error as exc:
+                raise NbdError(f"block status at {pos} failed: {exc}") from exc
+            if len(runs) == before:
+                raise NbdError(f"block status at {pos} returned nothing")
+            pos = runs[-1][0] + runs[-1][1]
+        return runs
 
     @property
     def size(self) -> int:

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from .checksums import BLOCK_SIZE, OrderedWriter, block_records, zero_records
+from .checksums import BLOCK_SIZE, block_records, zero_records
 from .extents import Chunk, Kind
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,19 @@ class Writer(Protocol):
 
 class Sink(Protocol):
     def for_thread(self) -> Writer: ...
+
+
+class RecordSink(Protocol):
+    """Receives each chunk's checksum records with the chunk's sequence number."""
+
+    def add(self, seq: int, records: bytes) -> None: ...
+
+
+class NoRecords:
+    """A :class:`RecordSink` that keeps nothing."""
+
+    def add(self, seq: int, records: bytes) -> None:
+        pass
 
 
 @dataclass
@@ -75,7 +88,7 @@ class Transfer:
         *,
         open_reader: Callable[[], AbstractContextManager[Reader]],
         sink: Sink,
-        sums: OrderedWriter,
+        sums: RecordSink,
         size: int,
         workers: int,
         hide_zeros: bool,
@@ -173,8 +186,11 @@ class Transfer:
     def _one(self, reader: Reader, writer: Writer, seq: int, chunk: Chunk) -> _Done:
         stats = Stats()
         if chunk.kind is Kind.ZERO:
-            writer.zero(chunk.length, chunk.offset)
-            stats.zero_bytes = chunk.length
+            if self._hide_zeros:
+                writer.zero(chunk.length, chunk.offset)
+                stats.zero_bytes = chunk.length
+            else:
+                stats.skipped_bytes = chunk.length
             return _Done(seq, zero_records(chunk.offset, chunk.length, self._size), stats, chunk.length)
         data = reader.read(chunk.offset, chunk.length)
         stats.read_bytes = len(data)

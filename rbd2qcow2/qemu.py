@@ -86,8 +86,9 @@ def json_filename(opts: dict[str, Any]) -> str:
 def create_layer(path: Path, size: int, backing: str | None) -> None:
     """Create a qcow2 layer (compat 1.1, 64 KiB clusters), mode 0600.
 
-    ``backing`` is a name relative to the layer's directory; it is written
-    into the header unchecked (``-u``): qemu does not open it here.
+    ``backing`` (format qcow2) is a name relative to the layer's directory,
+    or an absolute path for an overlay outside the chain; it is written into
+    the header unchecked (``-u``): qemu does not open it here.
     """
     args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat=1.1,cluster_size={CLUSTER_SIZE}"]
     if backing is not None:
@@ -125,14 +126,6 @@ def info(path: Path) -> dict[str, Any]:
     return result
 
 
-def convert_to_raw(files: Sequence[Path], out: Path) -> None:
-    """Flatten a chain (base first) into a raw file with qemu-img convert."""
-    _run(
-        ["qemu-img", "convert", "-W", "-m", "16", "-O", "raw", json_filename(chain_options(files)), str(out)],
-        what="qemu-img convert",
-    )
-
-
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -145,6 +138,7 @@ class Export:
     name: str
     socket: Path
     node: str
+    id: str
 
 
 class StorageDaemon:
@@ -154,12 +148,12 @@ class StorageDaemon:
     ``PR_SET_PDEATHSIG`` so it ends when this process dies, even by SIGKILL.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nbd_socket: Path | None = None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="rbd2qcow2-qsd-"))
         os.chmod(self._dir, 0o700)
         self._qmp: QEMUMonitorProtocol | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._nbd_socket = self._dir / "nbd.sock"
+        self._nbd_socket = nbd_socket or self._dir / "nbd.sock"
         self._count = 0
 
     def __enter__(self) -> StorageDaemon:
@@ -217,25 +211,28 @@ class StorageDaemon:
             raise QemuError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
 
-    def export_chain(self, files: Sequence[Path], *, writable: bool, direct: bool = False) -> Export:
+    def export_chain(
+        self, files: Sequence[Path], *, writable: bool, direct: bool = False, name: str | None = None
+    ) -> Export:
         """Open a chain (base first) and export its top over NBD."""
         self._count += 1
         node = f"n{self._count}"
         opts = chain_options(files, writable_top=writable, direct=direct)
         opts["node-name"] = node
         self.cmd("blockdev-add", **opts)
-        name = f"e{self._count}"
+        export_id = f"e{self._count}"
+        name = name or export_id
         try:
-            self.cmd("block-export-add", type="nbd", id=name, **{"node-name": node}, name=name, writable=writable)
+            self.cmd("block-export-add", type="nbd", id=export_id, **{"node-name": node}, name=name, writable=writable)
         except QemuError:
             self.cmd("blockdev-del", **{"node-name": node})
             raise
-        return Export(name=name, socket=self._nbd_socket, node=node)
+        return Export(name=name, socket=self._nbd_socket, node=node, id=export_id)
 
     def remove_export(self, export: Export) -> None:
         """Close an export and its nodes; waits until qemu has let go of the files."""
-        self._delete_export(export.name)
-        self._wait_export_deleted(export.name)
+        self._delete_export(export.id)
+        self._wait_export_deleted(export.id)
         self.cmd("blockdev-del", **{"node-name": export.node})
 
     def _delete_export(self, name: str) -> None:
@@ -289,11 +286,23 @@ class StorageDaemon:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
 
 @contextlib.contextmanager
-def storage_daemon() -> Iterator[StorageDaemon]:
-    with StorageDaemon() as daemon:
+def storage_daemon(nbd_socket: Path | None = None) -> Iterator[StorageDaemon]:
+    with StorageDaemon(nbd_socket) as daemon:
         yield daemon
+
+
+def convert(files: Sequence[Path], out: Path, fmt: str) -> None:
+    """Flatten a chain (base first) into ``out`` (raw or qcow2) with qemu-img convert."""
+    args = ["qemu-img", "convert", "-W", "-m", "16", "-O", fmt]
+    if fmt == "qcow2":
+        args += ["-o", "compat=1.1"]
+    _run([*args, json_filename(chain_options(files)), str(out)], what="qemu-img convert")

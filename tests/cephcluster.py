@@ -125,8 +125,7 @@ class CephCluster:
         except BaseException:
             self._stop_owned()
             raise
-        log.info("ceph cluster in %s up after %.1f s", self.base_dir,
-                 time.monotonic() - started)
+        log.info("ceph cluster in %s up after %.1f s", self.base_dir, time.monotonic() - started)
 
     def stop(self) -> None:
         """Stop the OSD, then the mon, by PID. Safe to call more than once.
@@ -219,42 +218,74 @@ class CephCluster:
         self.fsid = str(uuid.uuid4())
         msgr2, msgr1 = _free_ports(2)
         mon_addrs = f"[v2:127.0.0.1:{msgr2},v1:127.0.0.1:{msgr1}]"
-        self.conf.write_text(_render_conf(
-            base=self.base_dir,
-            fsid=self.fsid,
-            mon_addrs=mon_addrs,
-            block_size=self.osd_size_gib * GIB,
-            admin_socket=self._admin_socket_setting(),
-        ))
-        self._run(["monmaptool", "--create", "--clobber", "--fsid", self.fsid,
-                   "--addv", MON_ID, mon_addrs, str(self.monmap)])
+        self.conf.write_text(
+            _render_conf(
+                base=self.base_dir,
+                fsid=self.fsid,
+                mon_addrs=mon_addrs,
+                block_size=self.osd_size_gib * GIB,
+                admin_socket=self._admin_socket_setting(),
+            )
+        )
+        self._run(
+            ["monmaptool", "--create", "--clobber", "--fsid", self.fsid, "--addv", MON_ID, mon_addrs, str(self.monmap)]
+        )
 
     def _admin_socket_setting(self) -> str:
         longest = self.run_dir / "ceph-osd.999.asok"
         if len(str(longest)) > UNIX_SOCKET_PATH_MAX:
-            log.warning("%s is too long for admin sockets; disabling them",
-                        self.run_dir)
+            log.warning("%s is too long for admin sockets; disabling them", self.run_dir)
             return ""
         return "$run_dir/$cluster-$name.asok"
 
     def _create_keyrings(self) -> None:
         authtool = "ceph-authtool"
-        self._run([authtool, "--create-keyring", str(self.mon_keyring),
-                   "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"])
-        self._run([authtool, "--create-keyring", str(self.admin_keyring),
-                   "--gen-key", "-n", "client.admin",
-                   "--cap", "mon", "allow *", "--cap", "osd", "allow *",
-                   "--cap", "mgr", "allow *", "--cap", "mds", "allow *"])
-        self._run([authtool, str(self.mon_keyring),
-                   "--import-keyring", str(self.admin_keyring)])
+        self._run(
+            [authtool, "--create-keyring", str(self.mon_keyring), "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"]
+        )
+        self._run(
+            [
+                authtool,
+                "--create-keyring",
+                str(self.admin_keyring),
+                "--gen-key",
+                "-n",
+                "client.admin",
+                "--cap",
+                "mon",
+                "allow *",
+                "--cap",
+                "osd",
+                "allow *",
+                "--cap",
+                "mgr",
+                "allow *",
+                "--cap",
+                "mds",
+                "allow *",
+            ]
+        )
+        self._run([authtool, str(self.mon_keyring), "--import-keyring", str(self.admin_keyring)])
         self.admin_keyring.chmod(0o600)
         self.mon_keyring.chmod(0o600)
 
     # -------------------------------------------------------------- daemons
 
     def _start_mon(self, deadline: float) -> None:
-        self._run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", MON_ID,
-                   "--monmap", str(self.monmap), "--keyring", str(self.mon_keyring)])
+        self._run(
+            [
+                "ceph-mon",
+                "-c",
+                str(self.conf),
+                "--mkfs",
+                "-i",
+                MON_ID,
+                "--monmap",
+                str(self.monmap),
+                "--keyring",
+                str(self.mon_keyring),
+            ]
+        )
         self._spawn(f"mon.{MON_ID}", "ceph-mon", ["-i", MON_ID])
         self._poll(deadline, "mon quorum", self._mon_ready)
 
@@ -270,11 +301,32 @@ class CephCluster:
         secrets.unlink()
         data_dir = self.base_dir / "osd" / f"ceph-{osd_id}"
         data_dir.mkdir()
-        self._run(["ceph-authtool", "--create-keyring", str(data_dir / "keyring"),
-                   "--name", f"osd.{osd_id}", "--add-key", key])
-        self._run(["ceph-osd", "-c", str(self.conf), "-i", osd_id, "--mkfs",
-                   "--osd-uuid", osd_uuid, "--monmap", str(self.monmap)],
-                  timeout=max(COMMAND_TIMEOUT, deadline - time.monotonic()))
+        self._run(
+            [
+                "ceph-authtool",
+                "--create-keyring",
+                str(data_dir / "keyring"),
+                "--name",
+                f"osd.{osd_id}",
+                "--add-key",
+                key,
+            ]
+        )
+        self._run(
+            [
+                "ceph-osd",
+                "-c",
+                str(self.conf),
+                "-i",
+                osd_id,
+                "--mkfs",
+                "--osd-uuid",
+                osd_uuid,
+                "--monmap",
+                str(self.monmap),
+            ],
+            timeout=max(COMMAND_TIMEOUT, deadline - time.monotonic()),
+        )
         self._spawn(f"osd.{osd_id}", "ceph-osd", ["-i", osd_id])
         self._poll(deadline, "OSD up and in", self._osd_ready)
 
@@ -293,8 +345,7 @@ class CephCluster:
         sent.write_bytes(payload)
         self.ceph("osd", "pool", "create", pool, "1", "1")
         remaining = max(10.0, deadline - time.monotonic())
-        rados = ["rados", "-c", str(self.conf), "-p", pool,
-                 "--rados-osd-op-timeout", str(int(remaining))]
+        rados = ["rados", "-c", str(self.conf), "-p", pool, "--rados-osd-op-timeout", str(int(remaining))]
         self._run([*rados, "put", "probe", str(sent)], timeout=remaining + 5)
         self._run([*rados, "get", "probe", str(received)])
         if received.read_bytes() != payload:
@@ -308,9 +359,14 @@ class CephCluster:
         log.debug("starting %s: %s", name, cmd)
         out = self.log_dir / f"{name}.stdout"
         with open(out, "ab") as stdout:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout,
-                                    stderr=subprocess.STDOUT, env=self.env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                start_new_session=True,
+            )
         self._daemons.append(_Daemon(name, proc.pid, binary, proc))
         self._save_state()
 
@@ -321,8 +377,7 @@ class CephCluster:
             if ready():
                 return
             if time.monotonic() > deadline:
-                raise CephClusterError(
-                    f"timed out waiting for {what}\n{self._log_tails()}")
+                raise CephClusterError(f"timed out waiting for {what}\n{self._log_tails()}")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
@@ -330,8 +385,8 @@ class CephCluster:
         for daemon in self._daemons:
             if daemon.proc is not None and daemon.proc.poll() is not None:
                 raise CephClusterError(
-                    f"{daemon.name} exited with {daemon.proc.returncode} while "
-                    f"waiting for {what}\n{self._log_tails()}")
+                    f"{daemon.name} exited with {daemon.proc.returncode} while waiting for {what}\n{self._log_tails()}"
+                )
 
     def _log_tails(self) -> str:
         parts = []
@@ -348,8 +403,7 @@ class CephCluster:
         state = {
             "conf": str(self.conf),
             "fsid": self.fsid,
-            "daemons": [{"name": d.name, "pid": d.pid, "binary": d.binary}
-                        for d in self._daemons],
+            "daemons": [{"name": d.name, "pid": d.pid, "binary": d.binary} for d in self._daemons],
         }
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
 
@@ -358,24 +412,23 @@ class CephCluster:
             return []
         state = json.loads(self.state_file.read_text())
         self.fsid = str(state.get("fsid", ""))
-        return [_Daemon(str(d["name"]), int(d["pid"]), str(d["binary"]))
-                for d in state.get("daemons", [])]
+        return [_Daemon(str(d["name"]), int(d["pid"]), str(d["binary"])) for d in state.get("daemons", [])]
 
     # ------------------------------------------------------------- commands
 
     def _run(self, cmd: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> str:
         log.debug("running %s", cmd)
         try:
-            res = subprocess.run(list(cmd), check=False, stdin=subprocess.DEVNULL,
-                                 capture_output=True, env=self.env(), timeout=timeout)
+            res = subprocess.run(
+                list(cmd), check=False, stdin=subprocess.DEVNULL, capture_output=True, env=self.env(), timeout=timeout
+            )
         except subprocess.TimeoutExpired as exc:
-            raise CephClusterError(f"{_fmt(cmd)} timed out after {timeout:.0f} s\n"
-                                   f"{self._log_tails()}") from exc
+            raise CephClusterError(f"{_fmt(cmd)} timed out after {timeout:.0f} s\n{self._log_tails()}") from exc
         if res.returncode != 0:
             stderr = res.stderr.decode(errors="replace").strip()
             raise CephClusterError(
-                f"{_fmt(cmd)} failed with exit code {res.returncode}:\n"
-                f"{stderr or self._log_tails()}")
+                f"{_fmt(cmd)} failed with exit code {res.returncode}:\n{stderr or self._log_tails()}"
+            )
         return res.stdout.decode(errors="replace")
 
     def _try_ceph(self, *args: str) -> str | None:
@@ -389,8 +442,7 @@ class CephCluster:
 # ---------------------------------------------------------------- helpers
 
 
-def _render_conf(*, base: Path, fsid: str, mon_addrs: str, block_size: int,
-                 admin_socket: str) -> str:
+def _render_conf(*, base: Path, fsid: str, mon_addrs: str, block_size: int, admin_socket: str) -> str:
     return f"""\
 # generated by cephcluster.py -- throwaway test cluster
 [global]
@@ -473,16 +525,14 @@ def _terminate(daemon: _Daemon, conf: Path) -> None:
     """SIGTERM, wait up to STOP_GRACE_SECONDS, then SIGKILL -- only if the PID
     still belongs to our daemon (same binary, same ceph.conf)."""
     if daemon.proc is None and not _is_ours(daemon, conf):
-        log.debug("%s (pid %d) is not running (or the PID is no longer ours)",
-                  daemon.name, daemon.pid)
+        log.debug("%s (pid %d) is not running (or the PID is no longer ours)", daemon.name, daemon.pid)
         return
     log.debug("stopping %s (pid %d)", daemon.name, daemon.pid)
     if not _signal(daemon, signal.SIGTERM):
         return
     if _wait_gone(daemon, STOP_GRACE_SECONDS):
         return
-    log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL",
-                daemon.name, daemon.pid)
+    log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL", daemon.name, daemon.pid)
     _signal(daemon, signal.SIGKILL)
     if not _wait_gone(daemon, STOP_GRACE_SECONDS):
         raise CephClusterError(f"{daemon.name} (pid {daemon.pid}) survived SIGKILL")
@@ -525,8 +575,7 @@ def _is_ours(daemon: _Daemon, conf: Path) -> bool:
     except OSError:
         return False
     argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-    return (bool(argv) and Path(argv[0]).name == daemon.binary
-            and str(conf) in argv)
+    return bool(argv) and Path(argv[0]).name == daemon.binary and str(conf) in argv
 
 
 def _pid_alive(pid: int) -> bool:
@@ -547,16 +596,16 @@ def _fmt(cmd: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Start or stop a throwaway single-node Ceph cluster.")
+    parser = argparse.ArgumentParser(description="Start or stop a throwaway single-node Ceph cluster.")
     parser.add_argument("action", choices=("start", "stop"))
     parser.add_argument("dir", type=Path, help="cluster directory")
     parser.add_argument("--osd-size-gib", type=int, default=24)
     parser.add_argument("--timeout", type=float, default=90)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr
+    )
     cluster = CephCluster(args.dir, osd_size_gib=args.osd_size_gib)
     try:
         if args.action == "start":

@@ -41,18 +41,17 @@ def test_cluster_lifecycle(tmp_path: Path) -> None:
         assert len(pids) == 2
         cluster.create_pool("pool")
         data = os.urandom(1 << 20)
-        with rados.Rados(conffile=str(cluster.conf)) as conn, \
-                conn.open_ioctx("pool") as ioctx:
+        with rados.Rados(conffile=str(cluster.conf)) as conn, conn.open_ioctx("pool") as ioctx:
             rbd.RBD().create(ioctx, "img", 16 << 20)
             with rbd.Image(ioctx, "img") as image:
                 image.write(data, 4096)
                 assert image.read(4096, len(data)) == data
 
-        keyring = cluster.create_user(
-            "client.backup", {"mon": "profile rbd", "osd": "profile rbd"})
-        with rados.Rados(conffile=str(cluster.conf), name="client.backup",
-                         conf={"keyring": str(keyring)}) as conn, \
-                conn.open_ioctx("pool") as ioctx:
+        keyring = cluster.create_user("client.backup", {"mon": "profile rbd", "osd": "profile rbd"})
+        with (
+            rados.Rados(conffile=str(cluster.conf), name="client.backup", conf={"keyring": str(keyring)}) as conn,
+            conn.open_ioctx("pool") as ioctx,
+        ):
             assert rbd.RBD().list(ioctx) == ["img"]
 
     assert cluster.pids == {}

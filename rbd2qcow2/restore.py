@@ -1,0 +1,228 @@
+"""Restores: a point into an RBD image, a raw file or a flat qcow2; overlays; NBD serving.
+
+Every path checks the chain's headers against the manifest before qemu
+opens a file (:func:`rbd2qcow2.chain.checked_chain`) and reads the data
+through qemu, never by parsing qcow2.  File restores need no Ceph at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import manifest as mf
+from . import qemu
+from .chain import checked_chain
+from .errors import NotFound, QemuError, TargetError, UsageError
+from .extents import Chunk, Extent, Kind, plan, windows
+from .faults import crashpoint
+from .fsutil import DIR_MODE, FILE_MODE, fsync_dir, fsync_file
+from .names import ImageSpec, parse_spec
+from .nbdio import Connection
+from .pipeline import NoRecords, Transfer
+from .progress import Progress
+from .refs import parse_ref, select
+from .target import chain_dir, open_target
+
+if TYPE_CHECKING:  # ceph (rados, rbd) is imported only by the RBD paths
+    from .ceph import Cluster, RbdImage
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("raw", "qcow2")
+MAP_WINDOW = 1 << 30
+
+
+@dataclass(frozen=True)
+class Located:
+    """A point and its checked chain of files, base first."""
+
+    ref: str
+    point: mf.Point
+    files: list[Path]
+
+
+def locate(target: Path, ref_text: str) -> Located:
+    """Find the point ``POOL/IMAGE@POINT`` and check its chain's headers."""
+    ref = parse_ref(ref_text)
+    open_target(target, create=False)
+    directory = chain_dir(target, ref.image)
+    m = mf.load(directory) if directory.is_dir() else None
+    if m is None:
+        raise NotFound(f"no backups of {ref.image} in {target}")
+    point = select(m, ref)
+    return Located(f"{ref.image}@{point.id}", point, checked_chain(directory, m, point.id))
+
+
+def parse_rbd_dest(text: str) -> ImageSpec:
+    """``rbd:POOL/IMAGE`` or ``rbd:POOL/NAMESPACE/IMAGE``."""
+    sel = parse_spec(text.removeprefix("rbd:"))
+    if sel.name is None:
+        raise UsageError(f"--to {text!r}: expected rbd:POOL/IMAGE")
+    return ImageSpec(sel.pool, sel.namespace or "", sel.name)
+
+
+# -- files ------------------------------------------------------------------------
+
+
+def restore_file(loc: Located, out: Path, fmt: str, *, force: bool) -> None:
+    """A sparse raw file or a flat qcow2 (no backing file) of the point, written atomically."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+    if out.is_dir():
+        raise TargetError(f"{out} is a directory")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise TargetError(f"{out} exists (use --force to replace it)")
+    tmp = out.with_name(f".{out.name}.partial")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        qemu.convert(loc.files, tmp, fmt)
+        if fmt == "raw":
+            os.truncate(tmp, loc.point.size)  # qcow2 rounds sizes up to 512 bytes
+        os.chmod(tmp, FILE_MODE)
+        fsync_file(tmp)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def make_overlay(loc: Located, new: Path) -> None:
+    """A writable qcow2 overlay over the point, for booting a VM; the chain is not modified."""
+    if new.exists() or new.is_symlink():
+        raise TargetError(f"{new} exists")
+    qemu.create_layer(new, loc.point.size, str(loc.files[-1].resolve()))
+
+
+# -- RBD --------------------------------------------------------------------------
+
+
+class _RbdSink:
+    """One writable ``rbd.Image`` per worker thread (Sink protocol of the pipeline)."""
+
+    def __init__(self, open_image: Callable[[], contextlib.AbstractContextManager[RbdImage]]) -> None:
+        self._open = open_image
+        self._stack = contextlib.ExitStack()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def for_thread(self) -> RbdImage:
+        img: RbdImage | None = getattr(self._local, "img", None)
+        if img is None:
+            with self._lock:
+                img = self._stack.enter_context(self._open())
+            self._local.img = img
+        return img
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool, parallel: int, progress: bool) -> None:
+    """Write the point into ``dest``; a failed restore removes an image it created."""
+    exists = cluster.exists(dest)
+    if exists and not force:
+        raise TargetError(f"image {dest} exists (use --force to overwrite it)")
+    created = False
+    try:
+        if exists:
+            with cluster.image(dest) as img:
+                img.resize(loc.point.size)
+        else:
+            cluster.create_image(dest, loc.point.size)
+            created = True
+        _transfer_to_rbd(loc, dest, cluster, overwrite=exists, parallel=parallel, progress=progress)
+    except BaseException:
+        if created:
+            _remove_quietly(cluster, dest)
+        raise
+
+
+def _remove_quietly(cluster: Cluster, dest: ImageSpec) -> None:
+    try:
+        cluster.remove_image(dest)
+        logger.info("removed the partly restored image %s", dest)
+    except Exception as exc:
+        logger.error("could not remove the partly restored image %s: %s", dest, exc)
+
+
+def _transfer_to_rbd(
+    loc: Located, dest: ImageSpec, cluster: Cluster, *, overwrite: bool, parallel: int, progress: bool
+) -> None:
+    size = loc.point.size
+    with qemu.storage_daemon() as daemon:
+        export = daemon.export_chain(loc.files, writable=False)
+        sink = _RbdSink(lambda: cluster.image(dest))
+        try:
+            with Progress(str(dest), size, enabled=progress) as bar, Connection(export.socket, export.name) as mapper:
+                Transfer(
+                    open_reader=lambda: Connection(export.socket, export.name),
+                    sink=sink,
+                    sums=NoRecords(),
+                    size=size,
+                    workers=parallel,
+                    hide_zeros=overwrite,
+                    progress=bar.update,
+                    fault=_mid_restore_fault,
+                ).run(_allocated_chunks(mapper, size, bar.skip))
+        finally:
+            sink.close()
+        daemon.remove_export(export)
+
+
+def _allocated_chunks(conn: Connection, size: int, skip: Callable[[int], None]) -> Iterator[Chunk]:
+    for start, end in windows(size, MAP_WINDOW):
+        runs = conn.allocation(start, end - start)
+        chunks = plan((Extent(off, ln, not zero) for off, ln, zero in runs), start=start, end=end)
+        skip(sum(c.length for c in chunks if c.kind is Kind.ZERO))
+        yield from chunks
+
+
+def _mid_restore_fault(seq: int) -> None:
+    if seq == 2:
+        crashpoint("mid-restore")
+
+
+# -- serving ----------------------------------------------------------------------
+
+
+def private_socket_path(socket: Path) -> Path:
+    """Check (or create) the socket's directory: it must be ours and closed to others."""
+    parent = socket.parent
+    if not parent.exists():
+        os.makedirs(parent, DIR_MODE)
+    st = parent.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UsageError(f"{parent} must be a private directory (owned by you, mode 0700) for the socket")
+    if socket.exists() or socket.is_symlink():
+        raise TargetError(f"{socket} exists")
+    return socket
+
+
+def serve(loc: Located, socket: Path, ready: Callable[[str], None], stop: threading.Event | None = None) -> None:
+    """Export the point read-only over NBD on ``socket`` until ``stop`` or a signal."""
+    socket = private_socket_path(socket)
+    stop = stop or threading.Event()
+    try:
+        with qemu.storage_daemon(nbd_socket=socket) as daemon:
+            daemon.export_chain(loc.files, writable=False, name=loc.point.id)
+            os.chmod(socket, 0o600)
+            ready(f"nbd+unix:///{loc.point.id}?socket={socket}")
+            while not stop.wait(0.5):
+                if not daemon.alive:
+                    raise QemuError("qemu-storage-daemon exited")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            socket.unlink()
+
+
+__all__ = ["FORMATS", "Located", "locate", "make_overlay", "parse_rbd_dest", "restore_file", "restore_rbd", "serve"]

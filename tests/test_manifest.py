@@ -1,0 +1,318 @@
+"""Pure tests of the manifest: schema round trip, self-checksum, consistency, atomic save."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rbd2qcow2 import manifest as mf
+from rbd2qcow2.errors import ChainDamaged, DataError
+from rbd2qcow2.names import ImageSpec
+
+TAG = "0123abcd"
+
+
+def make_point(
+    pid: str,
+    parent: str | None = None,
+    *,
+    flags: tuple[str, ...] = (),
+    image_id: str = "abc123",
+    with_sums: bool = True,
+) -> mf.Point:
+    return mf.Point(
+        id=pid,
+        file=f"{pid}.qcow2",
+        parent=parent,
+        created="2024-03-05T07:08:09+00:00",
+        size=10 << 30,
+        image_id=image_id,
+        snapshot=mf.Snapshot(f"rbd2qcow2.{TAG}.{pid}", 17),
+        kind="full" if parent is None else "incremental",
+        stored_bytes=123456,
+        data_bytes=1 << 20,
+        zero_bytes=2 << 20,
+        checksums=mf.Checksums(f"{pid}.sums", "xxh3-128", 65536, "ab" * 32) if with_sums else None,
+        flags=flags,
+    )
+
+
+P1, P2, P3, P4 = "20240301T000000Z", "20240302T000000Z", "20240303T000000Z", "20240303T000000Z-2"
+
+
+def sample(image: ImageSpec | None = None) -> mf.Manifest:
+    return mf.Manifest(
+        image=image or ImageSpec("rbd", "ns", "vm disk é"),
+        image_id="abc123",
+        target_tag=TAG,
+        points=(
+            make_point(P1),
+            make_point(P2, P1, flags=("damaged",), with_sums=False),
+            make_point(P3),
+            make_point(P4, P3, flags=("a", "b")),
+        ),
+    )
+
+
+def resign(body: dict[str, Any]) -> bytes:
+    """Serialise a hand-edited body with a valid checksum (as dumps() would)."""
+    body = dict(body)
+    body.pop("sha256", None)
+    body["sha256"] = hashlib.sha256(mf._canonical(body)).hexdigest()
+    return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
+
+
+# -- round trip ------------------------------------------------------------
+
+
+def test_round_trip() -> None:
+    m = sample()
+    assert mf.loads(mf.dumps(m), "here") == m
+
+
+def test_round_trip_empty() -> None:
+    m = mf.Manifest(ImageSpec("p", "", "i"), "id", TAG)
+    assert mf.loads(mf.dumps(m), "here") == m
+
+
+def test_dumps_is_canonical_json_with_checksum() -> None:
+    data = mf.dumps(sample())
+    body = json.loads(data)
+    assert body["format"] == mf.FORMAT
+    assert body["version"] == mf.VERSION
+    assert body["namespace"] == "ns"
+    assert body["points"][1]["flags"] == ["damaged"]
+    assert body["points"][1]["checksums"] is None
+    assert len(body.pop("sha256")) == 64
+    assert data.endswith(b"\n")
+    assert mf.dumps(sample()) == data  # deterministic
+
+
+image_names = st.text(min_size=1, max_size=30)
+
+
+@given(
+    st.builds(ImageSpec, pool=image_names, namespace=st.one_of(st.just(""), image_names), name=image_names),
+    st.text(max_size=20),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.integers(0, 1 << 62),
+)
+@settings(max_examples=50)
+def test_round_trip_any_names(image: ImageSpec, image_id: str, flags: list[str], size: int) -> None:
+    point = dataclasses.replace(make_point(P1, image_id=image_id), flags=tuple(flags), size=size)
+    m = mf.Manifest(image, image_id, TAG, (point,))
+    assert mf.loads(mf.dumps(m), "here") == m
+
+
+# -- damage ----------------------------------------------------------------
+
+DATA = mf.dumps(sample())
+
+
+@given(st.integers(0, len(DATA) - 1), st.integers(1, 255))
+@settings(max_examples=400)
+def test_flipped_byte_is_damage(pos: int, xor: int) -> None:
+    """A changed byte is reported as ChainDamaged, unless it left the content equal (whitespace)."""
+    data = bytearray(DATA)
+    data[pos] ^= xor
+    try:
+        loaded = mf.loads(bytes(data), "chain")
+    except ChainDamaged:
+        return
+    assert loaded == sample(), f"byte {pos} changed to {data[pos]!r} and went unnoticed"
+
+
+def test_every_single_byte_flip_is_caught() -> None:
+    """Exhaustive: flip the low bit of every byte; whitespace may survive, nothing else may."""
+    for pos in range(len(DATA)):
+        data = bytearray(DATA)
+        data[pos] ^= 1
+        try:
+            loaded = mf.loads(bytes(data), "chain")
+        except ChainDamaged as exc:
+            assert str(exc).startswith("chain chain is damaged: ")
+            continue
+        assert loaded == sample(), pos
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(DATA[: len(DATA) // 2], id="truncated"),
+        pytest.param(b"\xff\xfe" + DATA, id="not utf-8"),
+        pytest.param(b"[]", id="a list"),
+        pytest.param(b'"text"', id="a string"),
+        pytest.param(b"42", id="a number"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"{}", id="no checksum"),
+        pytest.param(b'{"sha256": "0"}', id="wrong checksum"),
+        pytest.param(resign({}), id="valid checksum, no fields"),
+        pytest.param(resign({**json.loads(DATA), "points": {"a": 1}}), id="points not a list"),
+        pytest.param(resign({**json.loads(DATA), "points": [1]}), id="point not an object"),
+        pytest.param(resign({**json.loads(DATA), "points": [{"id": P1}]}), id="point fields missing"),
+    ],
+)
+def test_garbage_is_damage(data: bytes) -> None:
+    with pytest.raises(ChainDamaged):
+        mf.loads(data, "chain")
+
+
+def edited(**changes: Any) -> bytes:
+    body = json.loads(DATA)
+    body.update(changes)
+    return resign(body)
+
+
+def edited_point(index: int, **changes: Any) -> bytes:
+    body = json.loads(DATA)
+    body["points"][index].update(changes)
+    return resign(body)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(edited(format="other-tool"), "unknown manifest format", id="unknown format"),
+        pytest.param(edited(version=2), "unknown manifest format", id="unknown version"),
+        pytest.param(edited(version="1"), "unknown manifest format", id="version as a string"),
+        pytest.param(edited_point(1, parent="20240101T000000Z"), "unknown parent", id="parent missing"),
+        pytest.param(edited_point(0, parent=P2), "unknown parent", id="parent later in the list"),
+        pytest.param(edited_point(1, parent=P2), "unknown parent", id="parent is itself"),
+        pytest.param(edited_point(1, id=P1, file=f"{P1}.qcow2", parent=None), "duplicate", id="duplicate point"),
+        pytest.param(edited_point(0, id="latest", file="latest.qcow2"), "bad point id", id="bad point id"),
+        pytest.param(edited_point(0, file="../x.qcow2"), "bad point id", id="file not matching the id"),
+        pytest.param(edited_point(0, checksums={"file": "x"}), "unreadable", id="checksums fields missing"),
+        pytest.param(edited_point(0, snapshot={"name": "s", "id": "x"}), "unreadable", id="snapshot id not int"),
+        pytest.param(edited_point(0, size=float("nan")), "unreadable", id="size NaN"),
+        pytest.param(edited_point(0, size=float("inf")), "unreadable", id="size Infinity"),
+    ],
+)
+def test_inconsistent_manifest_is_damage(data: bytes, message: str) -> None:
+    with pytest.raises(ChainDamaged, match=message):
+        mf.loads(data, "chain")
+
+
+def test_damage_is_a_data_error_with_location() -> None:
+    with pytest.raises(ChainDamaged) as info:
+        mf.loads(DATA.replace(b"abc123", b"abc124", 1), "/target/rbd/vm")
+    assert isinstance(info.value, DataError)
+    assert info.value.exit_code == os.EX_DATAERR
+    assert str(info.value) == "chain /target/rbd/vm is damaged: manifest checksum mismatch"
+
+
+# -- queries ---------------------------------------------------------------
+
+
+def test_chain_of() -> None:
+    m = sample()
+    assert [p.id for p in m.chain_of(P1)] == [P1]
+    assert [p.id for p in m.chain_of(P2)] == [P1, P2]
+    assert [p.id for p in m.chain_of(P4)] == [P3, P4]
+
+
+def test_chain_of_long_chain() -> None:
+    ids = [f"2024030{i}T000000Z" for i in range(1, 10)]
+    points = tuple(make_point(pid, ids[i - 1] if i else None) for i, pid in enumerate(ids))
+    m = mf.Manifest(ImageSpec("p", "", "i"), "abc123", TAG, points)
+    assert [p.id for p in m.chain_of(ids[-1])] == ids
+    assert [p.id for p in m.chain_of(ids[3])] == ids[:4]
+
+
+def test_chain_of_unknown_point() -> None:
+    with pytest.raises(KeyError):
+        sample().chain_of("20990101T000000Z")
+
+
+def test_point_latest_and_is_full() -> None:
+    m = sample()
+    assert m.point(P2).parent == P1
+    assert m.latest is not None and m.latest.id == P4
+    assert m.point(P1).is_full and not m.point(P2).is_full
+    assert mf.Manifest(ImageSpec("p", "", "i"), "x", TAG).latest is None
+    with pytest.raises(KeyError):
+        m.point("nope")
+
+
+def test_with_point() -> None:
+    m = mf.Manifest(ImageSpec("p", "", "i"), "old", TAG)
+    m2 = m.with_point(make_point(P1), "new")
+    assert m.points == () and m.image_id == "old"
+    assert m2.points == (make_point(P1),) and m2.image_id == "new"
+
+
+# -- load / save -----------------------------------------------------------
+
+
+def test_load_missing_is_none(tmp_path: Path) -> None:
+    assert mf.load(tmp_path) is None
+
+
+def test_save_load(tmp_path: Path) -> None:
+    mf.save(tmp_path, sample())
+    assert mf.load(tmp_path) == sample()
+    assert (tmp_path / mf.NAME).read_bytes() == DATA
+
+
+def test_save_mode_is_private(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        (tmp_path / mf.NAME).write_bytes(b"old")
+        os.chmod(tmp_path / mf.NAME, 0o644)
+        mf.save(tmp_path, sample())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / mf.NAME).stat().st_mode) == 0o600
+
+
+def test_save_writes_temp_then_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / mf.NAME
+    mf.save(tmp_path, sample())
+    old_inode = target.stat().st_ino
+    calls: list[tuple[str, str, bytes]] = []
+    real_replace = os.replace
+
+    def spy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append((os.fspath(src), os.fspath(dst), Path(src).read_bytes()))
+        assert target.read_bytes() == DATA  # the old manifest is intact until the replace
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    new = sample().with_point(make_point("20240304T000000Z", P4), "abc123")
+    mf.save(tmp_path, new)
+    assert len(calls) == 1
+    src, dst, content = calls[0]
+    assert Path(src).parent == tmp_path and Path(src).name != mf.NAME
+    assert Path(dst) == target
+    assert content == mf.dumps(new)
+    assert target.stat().st_ino != old_inode
+    assert not Path(src).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mf.NAME]
+
+
+def test_save_crash_before_replace_keeps_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mf.save(tmp_path, sample())
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        mf.save(tmp_path, sample().with_point(make_point("20240304T000000Z"), "x"))
+    assert mf.load(tmp_path) == sample()
+
+
+def test_load_damaged_file(tmp_path: Path) -> None:
+    (tmp_path / mf.NAME).write_bytes(DATA.replace(b'"rbd"', b'"rbe"'))
+    with pytest.raises(ChainDamaged, match=re.escape(str(tmp_path))):
+        mf.load(tmp_path)
