@@ -41,27 +41,20 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def write_changes(ceph: Ceph, name: str, disk: Path, previous: Path | None) -> int:
     """Write the 4 MiB pieces of ``disk`` that differ from ``previous`` (zeros if None); how many."""
-    written = 0
-    with ceph.image(name) as img, open(disk, "rb") as new:
-        old = open(previous, "rb") if previous is not None else None  # noqa: SIM115
-        try:
-            offset = 0
-            while data := new.read(PIECE):
-                before = old.read(PIECE) if old is not None else bytes(len(data))
-                if data != before:
-                    img.write(data, offset)
-                    written += 1
-                offset += len(data)
-        finally:
-            if old is not None:
-                old.close()
-    return written
+    data = disk.read_bytes()
+    before = previous.read_bytes() if previous is not None else bytes(len(data))
+    changed = [o for o in range(0, len(data), PIECE) if data[o : o + PIECE] != before[o : o + PIECE]]
+    with ceph.image(name) as img:
+        for offset in changed:
+            img.write(data[offset : offset + PIECE], offset)
+    return len(changed)
 
 
 def backup(target: Path, ceph: Ceph, name: str) -> str:
     proc = run_cli("backup", "--target", str(target), "--no-progress", f"{ceph.pool}/{name}", check=True)
-    spec, _, point = proc.stdout.strip().rpartition("@")
-    assert spec == f"{ceph.pool}/{name}", proc.stdout
+    stdout: str = proc.stdout
+    spec, _, point = stdout.strip().rpartition("@")
+    assert spec == f"{ceph.pool}/{name}", stdout
     return point
 
 
@@ -89,11 +82,12 @@ def test_boot_each_point(ceph: Ceph, target: Path, image_name: str, tmp_path: Pa
     manifest = mf.load(chain)
     assert manifest is not None
     assert [(p.id, p.parent) for p in manifest.points] == [(points[0][0], None), (points[1][0], points[0][0])]
+    files = {p.id: p.file for p in manifest.points}
     before = digests(chain)
 
     for point, marker in points:
         overlay = tmp_path / f"overlay-{point}.qcow2"
-        layer = chain / manifest.points[[p.id for p in manifest.points].index(point)].file
+        layer = chain / files[point]
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(layer.resolve()), str(overlay)],
             check=True,
