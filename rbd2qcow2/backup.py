@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +29,7 @@ from pathlib import Path
 from . import manifest as mf
 from . import names, qemu
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
-from .chain import checked_chain
+from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from .errors import Cancelled, ChainDamaged, Error, QemuError, UsageError
 from .extents import Chunk, plan, windows
@@ -40,12 +38,12 @@ from .fsutil import chain_lock, commit_file, make_dirs
 from .nbdio import ConnectionPool
 from .pipeline import Stats, Transfer
 from .progress import Progress
+from .prune import recover
 from .target import open_target
 
 logger = logging.getLogger(__name__)
 
 DIFF_WINDOW = 1 << 30
-_ORPHAN = re.compile(r"^(\d{8}T\d{6}Z(-\d+)?\.(qcow2|sums)(\.partial)?|\.manifest\.json\.tmp)$")
 
 
 @dataclass(frozen=True)
@@ -147,6 +145,8 @@ class ImageBackup:
 
     def _locked(self) -> tuple[mf.Point, str]:
         manifest = mf.load(self.dir)
+        if manifest is not None:
+            manifest = recover(self.dir, manifest)
         with self.cluster.image(self.image) as img:
             image_id = img.id()
             if manifest is None:
@@ -172,11 +172,7 @@ class ImageBackup:
 
     # -- step 1 ------------------------------------------------------------
     def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> None:
-        named = {p.file for p in manifest.points} | {names.sums_file(p.id) for p in manifest.points}
-        for entry in os.scandir(self.dir):
-            if _ORPHAN.match(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False):
-                logger.warning("%s: removing %s left by an interrupted run", self.image, entry.name)
-                os.unlink(entry.path)
+        remove_orphan_files(self.dir, manifest)
         keep = manifest.latest.snapshot.name if manifest.latest else None
         for snap in img.snapshots():
             if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:

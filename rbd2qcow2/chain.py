@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from pathlib import Path
 
 from . import manifest as mf
+from .names import sums_file
 from .qcow2 import check_header, read_header
+
+logger = logging.getLogger(__name__)
+
+# Files an interrupted run can leave; only names of these shapes are ever removed.
+_ORPHAN = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.(qcow2|sums)(\.partial|\.merge)?|\.manifest\.json\.tmp")
 
 
 def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list[Path]:
@@ -22,3 +31,12 @@ def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list
         check_header(read_header(path), where=str(path), expected_backing=parent, min_size=point.size)
         files.append(path)
     return files
+
+
+def remove_orphan_files(directory: Path, manifest: mf.Manifest) -> None:
+    """Remove the files of ours that the manifest does not name (call with the chain locked)."""
+    named = {p.file for p in manifest.points} | {sums_file(p.id) for p in manifest.points}
+    for entry in os.scandir(directory):
+        if _ORPHAN.fullmatch(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False):
+            logger.warning("%s: removing %s left by an interrupted run", manifest.image, entry.name)
+            os.unlink(entry.path)

@@ -114,6 +114,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def unpack_records(records: bytes) -> list[tuple[int, bytes]]:
+    return [(int(i), bytes(d)) for i, d in _RECORD.iter_unpack(records)]
+
+
 def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
     """The ``(block index, digest)`` records of a checksum file, in order."""
     with open(path, "rb") as fh:

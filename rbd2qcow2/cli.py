@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -16,6 +17,7 @@ from . import __version__
 from .errors import Cancelled, Error, UsageError, combined_exit_code
 from .listing import format_table, list_points, row_dict
 from .names import parse_spec
+from .retention import parse_duration
 
 # Modules that import the Ceph bindings (backup, ceph) are imported by the
 # commands that need them, so file restores work on a machine without Ceph.
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_backup)
 
     _add_restore_commands(sub, common)
+
+    _add_prune_commands(sub, common)
 
     ls = sub.add_parser("list", parents=[common], help="chains and their points, oldest first")
     ls.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
@@ -154,6 +158,84 @@ def cmd_serve(args: argparse.Namespace) -> int:
         restore.serve(loc, args.socket, lambda uri: print(uri, flush=True))
     except Cancelled as exc:
         logger.info("%s: export of %s stopped", exc, loc.ref)
+    return 0
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return value
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_prune_commands(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    p = sub.add_parser("prune", parents=[common], help="apply a retention policy (merges layers, never in place)")
+    p.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{rule}", type=_nonnegative, default=0, metavar="N", help=f"keep {rule} points")
+    p.add_argument("--keep-within", type=_duration, metavar="DURATION", help="keep everything younger (7d, 12H, 2w...)")
+    p.add_argument("--max-depth", type=_positive, metavar="N", help="merge the oldest layers of deeper chains")
+    p.add_argument("--dry-run", "-n", action="store_true", help="only show what would be kept and merged, and why")
+    p.add_argument("--json", action="store_true", help="machine-readable plan on stdout")
+    p.add_argument("--parallel", "-p", type=_positive, default=4, help="copy threads per merge (default 4)")
+    p.add_argument("--wait", action="store_true", help="wait for locked chains")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="only these pools or images")
+    p.set_defaults(func=cmd_prune)
+
+    d = sub.add_parser("delete", parents=[common], help="remove one point; later points keep their content")
+    d.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    d.add_argument("point", metavar="POINT", help="POOL/IMAGE@POINT")
+    d.add_argument("--wait", action="store_true", help="wait for a locked chain")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    d.set_defaults(func=cmd_delete)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import PruneOptions, format_plan, plan_dict, prune
+    from .retention import Policy
+
+    policy = Policy(
+        keep_within=args.keep_within,
+        keep_last=args.keep_last,
+        keep_hourly=args.keep_hourly,
+        keep_daily=args.keep_daily,
+        keep_weekly=args.keep_weekly,
+        keep_monthly=args.keep_monthly,
+        keep_yearly=args.keep_yearly,
+    )
+    opts = PruneOptions(
+        target=args.target,
+        policy=policy,
+        max_depth=args.max_depth,
+        dry_run=args.dry_run,
+        parallel=args.parallel,
+        progress=not args.no_progress,
+        wait=args.wait,
+    )
+    plans = prune(args.specs, opts)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "images": [plan_dict(p) for p in plans]}, indent=1))
+    else:
+        for plan in plans:
+            print(format_plan(plan, dry_run=args.dry_run))
+    return combined_exit_code([0 if p.error is None else p.error.exit_code for p in plans])
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from .prune import delete_point
+
+    print(delete_point(args.target, args.point, wait=args.wait, progress=not args.no_progress))
     return 0
 
 

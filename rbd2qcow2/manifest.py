@@ -62,11 +62,30 @@ class Point:
 
 
 @dataclass(frozen=True)
+class PendingMerge:
+    """A merge whose new layer is built and verified but maybe not yet in place.
+
+    ``drop`` (consecutive points, oldest first) are merged into ``child``,
+    whose new layer is ``<child>.qcow2.merge`` (and ``<child>.sums.merge``)
+    until renamed over the child's files.  Recorded in the manifest before
+    the rename, so an interrupted prune is always finished forward.
+    """
+
+    child: str
+    drop: tuple[str, ...]
+    checksums: Checksums
+    stored_bytes: int
+    data_bytes: int
+    zero_bytes: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     image: ImageSpec
     image_id: str
     target_tag: str
     points: tuple[Point, ...] = field(default=())
+    pending: PendingMerge | None = None
 
     def point(self, point_id: str) -> Point:
         for p in self.points:
@@ -91,6 +110,38 @@ class Manifest:
     def with_point(self, point: Point, image_id: str) -> Manifest:
         return dataclasses.replace(self, points=(*self.points, point), image_id=image_id)
 
+    def children(self, point_id: str) -> list[Point]:
+        return [p for p in self.points if p.parent == point_id]
+
+    def without(self, point_id: str) -> Manifest:
+        """Drop a point that no other point depends on."""
+        if self.children(point_id):
+            raise ValueError(f"point {point_id} has dependents")
+        return dataclasses.replace(self, points=tuple(p for p in self.points if p.id != point_id))
+
+    def finish_merge(self) -> Manifest:
+        """The manifest once the pending merge is in place (pure)."""
+        pm = self.pending
+        if pm is None:
+            return self
+        first = self.point(pm.drop[0])
+        points = []
+        for p in self.points:
+            if p.id in pm.drop:
+                continue
+            if p.id == pm.child:
+                p = dataclasses.replace(
+                    p,
+                    parent=first.parent,
+                    kind="full" if first.parent is None else "incremental",
+                    checksums=pm.checksums,
+                    stored_bytes=pm.stored_bytes,
+                    data_bytes=pm.data_bytes,
+                    zero_bytes=pm.zero_bytes,
+                )
+            points.append(p)
+        return dataclasses.replace(self, points=tuple(points), pending=None)
+
 
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -106,6 +157,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
         "image_id": m.image_id,
         "target_tag": m.target_tag,
         "points": [dataclasses.asdict(p) for p in m.points],
+        "pending": None if m.pending is None else dataclasses.asdict(m.pending),
     }
     for p in body["points"]:
         p["flags"] = list(p["flags"])
@@ -137,6 +189,19 @@ def _point(raw: dict[str, Any]) -> Point:
     )
 
 
+def _pending(raw: dict[str, Any] | None) -> PendingMerge | None:
+    if raw is None:
+        return None
+    return PendingMerge(
+        child=str(raw["child"]),
+        drop=tuple(str(d) for d in raw["drop"]),
+        checksums=Checksums(**raw["checksums"]),
+        stored_bytes=int(raw["stored_bytes"]),
+        data_bytes=int(raw["data_bytes"]),
+        zero_bytes=int(raw["zero_bytes"]),
+    )
+
+
 def loads(data: bytes, where: str) -> Manifest:
     try:
         body = json.loads(data)
@@ -150,6 +215,7 @@ def loads(data: bytes, where: str) -> Manifest:
             image_id=str(body["image_id"]),
             target_tag=str(body["target_tag"]),
             points=tuple(_point(p) for p in body["points"]),
+            pending=_pending(body.get("pending")),
         )
     except ChainDamaged:
         raise
@@ -169,6 +235,14 @@ def _check_consistency(m: Manifest, where: str) -> None:
         if p.id in seen:
             raise ChainDamaged(where, f"duplicate point {p.id}")
         seen.add(p.id)
+    pm = m.pending
+    if pm is not None:
+        ids = [*pm.drop, pm.child]
+        if not pm.drop or any(i not in seen for i in ids):
+            raise ChainDamaged(where, f"pending merge names unknown points {ids}")
+        parents = [m.point(i).parent for i in ids[1:]]
+        if parents != ids[:-1]:
+            raise ChainDamaged(where, f"pending merge of {ids} is not a run of consecutive layers")
 
 
 def load(directory: Path) -> Manifest | None:

@@ -126,6 +126,29 @@ def info(path: Path) -> dict[str, Any]:
     return result
 
 
+@dataclass(frozen=True)
+class MapExtent:
+    """One extent of ``qemu-img map``: which layer serves it (depth 0 = top)."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+
+
+def map_chain(files: Sequence[Path]) -> list[MapExtent]:
+    """The allocation map of a chain's top (base first), by layer depth."""
+    out = _run(
+        ["qemu-img", "map", "--output=json", json_filename(chain_options(files))],
+        what="qemu-img map",
+    )
+    return [
+        MapExtent(int(e["start"]), int(e["length"]), int(e["depth"]), bool(e["present"]), bool(e["zero"]))
+        for e in json.loads(out)
+    ]
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -82,17 +82,18 @@ class Workload:
     def data(self, n: int) -> bytes:
         return self.rng.randbytes(n)
 
-    def run(self, img: rbd.Image, ops: int = 20) -> None:
+    def run(self, img: rbd.Image, ops: int = 20, lo: int = 0) -> None:
+        """``ops`` random operations on ``[lo, size)``."""
         size = img.size()
         for _ in range(ops):
             kind = self.rng.choice(["write", "write", "write", "small", "discard", "zero"])
             length = self.rng.choice([4096, 65536, 300_000, 1 * MiB, 5 * MiB])
-            length = min(length, size)
-            offset = self.rng.randrange(0, max(1, size - length))
+            length = min(length, size - lo)
+            offset = self.rng.randrange(lo, max(lo + 1, size - length))
             if kind == "write":
                 img.write(self.data(length), offset)
             elif kind == "small":
-                img.write(self.data(512), self.rng.randrange(0, size - 512))
+                img.write(self.data(512), self.rng.randrange(lo, size - 512))
             elif kind == "discard":
                 img.discard(offset, length)
             else:

@@ -1,0 +1,290 @@
+"""Retention: ``prune`` by policy, ``delete`` of one point, ``--max-depth``.
+
+Per image, under the chain lock:
+
+1. finish any merge an interrupted run left (the manifest's ``pending``);
+2. decide (pure: :mod:`rbd2qcow2.retention`), then plan the actions (pure:
+   :func:`plan_actions`): each run of consecutive dropped points is merged
+   into its child; a run at the end of an old chain is simply deleted;
+3. per merge: build and verify the new layer beside the old one
+   (:mod:`rbd2qcow2.merge`), write the manifest with the merge pending,
+   rename the new files over the child's, write the manifest without the
+   dropped points, delete their files.
+
+Every step is idempotent and a crash at any point is finished forward by
+the next run that takes the lock (backup or prune); files the manifest does
+not name are orphans that the next run removes.  Pruning never removes an
+RBD snapshot, and the newest point (the base of the next backup) is always
+kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import manifest as mf
+from . import merge, names, qemu
+from .chain import remove_orphan_files
+from .errors import Error, UsageError
+from .faults import crashpoint
+from .fsutil import chain_lock, fsync_dir
+from .retention import Decision, Policy, Stamp, decide
+from .target import iter_chains, open_target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Merge:
+    drop: tuple[str, ...]
+    child: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    drop: tuple[str, ...]
+
+
+Action = Merge | Delete
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    target: Path
+    policy: Policy = dataclasses.field(default_factory=Policy)
+    max_depth: int | None = None
+    dry_run: bool = False
+    parallel: int = 4
+    progress: bool = False
+    wait: bool = False
+    now: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    image: names.ImageSpec
+    decisions: dict[str, Decision]
+    actions: tuple[Action, ...]
+    error: Error | None = None
+
+
+def chains(m: mf.Manifest) -> list[list[mf.Point]]:
+    """The linear chains of a manifest, each base first, oldest chain first."""
+    out = []
+    for p in m.points:
+        if p.parent is None:
+            chain = [p]
+            while kids := m.children(chain[-1].id):
+                chain.append(kids[0])
+            out.append(chain)
+    return out
+
+
+def depth_drops(m: mf.Manifest, drop: set[str], max_depth: int) -> dict[str, str]:
+    """Oldest points to drop so that no chain is deeper than ``max_depth`` (pure)."""
+    newest = m.latest.id if m.latest else None
+    extra: dict[str, str] = {}
+    for chain in chains(m):
+        kept = [p for p in chain if p.id not in drop]
+        for p in kept[: max(0, len(kept) - max_depth)]:
+            if p.id != newest:
+                extra[p.id] = f"chain deeper than --max-depth {max_depth}"
+    return extra
+
+
+def plan_actions(m: mf.Manifest, drop: set[str]) -> list[Action]:
+    """Runs of dropped points: merged into their child, or deleted at a chain's end (pure)."""
+    actions: list[Action] = []
+    for chain in chains(m):
+        run: list[str] = []
+        for p in chain:
+            if p.id in drop:
+                run.append(p.id)
+            elif run:
+                actions.append(Merge(tuple(run), p.id))
+                run = []
+        if run:
+            actions.append(Delete(tuple(run)))
+    return actions
+
+
+def stamps(m: mf.Manifest) -> list[Stamp]:
+    return [Stamp(p.id, datetime.strptime(p.id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)) for p in m.points]
+
+
+def plan_image(m: mf.Manifest, opts: PruneOptions) -> ImagePlan:
+    now = opts.now or datetime.now(UTC)
+    decisions = decide(stamps(m), opts.policy, now) if not opts.policy.empty else {}
+    if opts.policy.empty:
+        decisions = {p.id: Decision(True, ("no keep rule given",)) for p in m.points}
+    drop = {pid for pid, d in decisions.items() if not d.keep}
+    if opts.max_depth is not None:
+        for pid, why in depth_drops(m, drop, opts.max_depth).items():
+            decisions[pid] = Decision(False, (why,))
+            drop.add(pid)
+    return ImagePlan(m.image, decisions, tuple(plan_actions(m, drop)))
+
+
+def plan_dict(plan: ImagePlan) -> dict[str, Any]:
+    """A plan for ``--json``."""
+    actions: list[dict[str, Any]] = []
+    for a in plan.actions:
+        entry: dict[str, Any] = {"action": "delete" if isinstance(a, Delete) else "merge", "drop": list(a.drop)}
+        if isinstance(a, Merge):
+            entry["into"] = a.child
+        actions.append(entry)
+    return {
+        "image": str(plan.image),
+        "error": None if plan.error is None else str(plan.error),
+        "points": {pid: {"keep": d.keep, "reasons": list(d.reasons)} for pid, d in sorted(plan.decisions.items())},
+        "actions": actions,
+    }
+
+
+def format_plan(plan: ImagePlan, *, dry_run: bool) -> str:
+    """One line per point (keep or drop, and why), then one per action."""
+    verb = "would " if dry_run else ""
+    lines = []
+    for pid, d in sorted(plan.decisions.items()):
+        how = "keep" if d.keep else f"{verb}drop"
+        lines.append(f"{plan.image}@{pid}  {how:<10}  {', '.join(d.reasons)}")
+    for a in plan.actions:
+        into = f" into {a.child}" if isinstance(a, Merge) else ""
+        kind = "merge" if isinstance(a, Merge) else "delete"
+        lines.append(f"{plan.image}  {verb}{kind} {', '.join(a.drop)}{into}")
+    if plan.error is not None:
+        lines.append(f"{plan.image}  error: {plan.error}")
+    return "\n".join(lines)
+
+
+# -- execution ----------------------------------------------------------------------
+
+
+def recover(directory: Path, m: mf.Manifest) -> mf.Manifest:
+    """Finish a merge that an interrupted run left pending (idempotent)."""
+    pm = m.pending
+    if pm is None:
+        return m
+    logger.warning("%s: finishing the interrupted merge of %s into %s", m.image, ", ".join(pm.drop), pm.child)
+    child = m.point(pm.child)
+    layer, sums = merge.merge_files(directory, child)
+    for tmp, final in ((layer, directory / child.file), (sums, directory / names.sums_file(child.id))):
+        if tmp.exists():
+            os.replace(tmp, final)
+    fsync_dir(directory)
+    crashpoint("prune-after-rename")
+    done = m.finish_merge()
+    mf.save(directory, done)
+    crashpoint("prune-after-commit")
+    _unlink_points(directory, [m.point(d) for d in pm.drop])
+    return done
+
+
+def _unlink_points(directory: Path, points: Sequence[mf.Point]) -> None:
+    for p in points:
+        for name in (p.file, names.sums_file(p.id)):
+            (directory / name).unlink(missing_ok=True)
+    fsync_dir(directory)
+
+
+def apply(directory: Path, m: mf.Manifest, actions: Sequence[Action], opts: PruneOptions) -> mf.Manifest:
+    with qemu.storage_daemon() as daemon:
+        for action in actions:
+            if isinstance(action, Delete):
+                m = _delete(directory, m, action)
+            else:
+                m = _merge(directory, m, action, daemon, opts)
+    return m
+
+
+def _delete(directory: Path, m: mf.Manifest, action: Delete) -> mf.Manifest:
+    points = [m.point(d) for d in action.drop]
+    for p in reversed(points):
+        m = m.without(p.id)
+    mf.save(directory, m)
+    _unlink_points(directory, points)
+    logger.info("%s: deleted %s", m.image, ", ".join(action.drop))
+    return m
+
+
+def _merge(
+    directory: Path, m: mf.Manifest, action: Merge, daemon: qemu.StorageDaemon, opts: PruneOptions
+) -> mf.Manifest:
+    pending = merge.build(
+        directory, m, action.drop, action.child, daemon, parallel=opts.parallel, progress=opts.progress
+    )
+    crashpoint("prune-after-build")
+    journaled = dataclasses.replace(m, pending=pending)
+    mf.save(directory, journaled)
+    crashpoint("prune-after-journal")
+    done = recover(directory, journaled)
+    logger.info("%s: merged %s into %s", m.image, ", ".join(action.drop), action.child)
+    return done
+
+
+def prune(specs: Sequence[str], opts: PruneOptions) -> list[ImagePlan]:
+    """Apply the policy to every selected chain under the target."""
+    if opts.policy.empty and opts.max_depth is None:
+        raise UsageError("give at least one --keep-* option or --max-depth")
+    if opts.max_depth is not None and opts.max_depth < 1:
+        raise UsageError("--max-depth must be at least 1")
+    selectors = [names.parse_spec(s) for s in specs]
+    open_target(opts.target, create=False)
+    results = []
+    for directory, item in iter_chains(opts.target):
+        if isinstance(item, Error):
+            results.append(ImagePlan(names.ImageSpec("?", "", str(directory)), {}, (), item))
+            continue
+        if selectors and not any(s.matches(item.image) for s in selectors):
+            continue
+        results.append(_prune_one(directory, item.image, opts))
+    return results
+
+
+def _prune_one(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> ImagePlan:
+    try:
+        with chain_lock(directory, wait=opts.wait, what=str(image)):
+            m = mf.load(directory)
+            if m is None:
+                return ImagePlan(image, {}, ())
+            if not opts.dry_run:
+                m = recover(directory, m)
+                remove_orphan_files(directory, m)
+            plan = plan_image(m, opts)
+            if not opts.dry_run and plan.actions:
+                apply(directory, m, plan.actions, opts)
+            return plan
+    except Error as exc:
+        logger.error("%s: %s", image, exc)
+        return ImagePlan(image, {}, (), exc)
+
+
+def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: int = 4, progress: bool = False) -> str:
+    """Remove one point; the points after it keep their content.  Returns its reference."""
+    from .refs import parse_ref, select
+    from .target import chain_dir
+
+    ref = parse_ref(ref_text)
+    open_target(target, create=False)
+    directory = chain_dir(target, ref.image)
+    with chain_lock(directory, wait=wait, what=str(ref.image)):
+        m = mf.load(directory)
+        if m is None:
+            from .errors import NotFound
+
+            raise NotFound(f"no backups of {ref.image} in {target}")
+        m = recover(directory, m)
+        remove_orphan_files(directory, m)
+        point = select(m, ref)
+        if m.latest is not None and point.id == m.latest.id:
+            logger.warning("%s: deleting the newest point; the next backup is a full one", ref.image)
+        opts = PruneOptions(target=target, parallel=parallel, progress=progress)
+        apply(directory, m, plan_actions(m, {point.id}), opts)
+        return f"{ref.image}@{point.id}"
