@@ -116,7 +116,10 @@ def plan_actions(m: mf.Manifest, drop: set[str]) -> list[Action]:
 
 
 def stamps(m: mf.Manifest) -> list[Stamp]:
-    return [Stamp(p.id, datetime.strptime(p.id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)) for p in m.points]
+    return [
+        Stamp(p.id, datetime.strptime(p.id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), seq)
+        for seq, p in enumerate(m.points)
+    ]
 
 
 def plan_image(m: mf.Manifest, opts: PruneOptions) -> ImagePlan:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 RULES = (
     ("hourly", "%Y-%m-%d %H"),
@@ -50,10 +50,15 @@ class Policy:
 
 @dataclass(frozen=True)
 class Stamp:
-    """What the policy needs of a point: its id and time."""
+    """What the policy needs of a point: its id, time, and place in the manifest.
+
+    ``seq`` orders points as the manifest does; the point with the highest is
+    the newest (the base of the next backup) even if the clock stepped back.
+    """
 
     id: str
     time: datetime
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,15 +69,19 @@ class Decision:
 
 def parse_duration(text: str) -> timedelta:
     """``30d``, ``12H``, ``2w``, ``6m`` (30-day months), ``1y`` (365 days): borg's units."""
-    units = {"H": 1 / 24, "d": 1, "w": 7, "m": 30, "y": 365}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+    hours = {"H": 1, "d": 24, "w": 24 * 7, "m": 24 * 30, "y": 24 * 365}
+    number = text[:-1]
+    if len(text) < 2 or text[-1] not in hours or not (number.isascii() and number.isdigit()):
         raise ValueError(f"bad duration {text!r}: a number and one of H d w m y, e.g. 7d")
-    return timedelta(days=int(text[:-1]) * units[text[-1]])
+    try:
+        return timedelta(hours=int(number) * hours[text[-1]])
+    except OverflowError:
+        raise ValueError(f"duration {text!r} is too long") from None
 
 
 def decide(points: Sequence[Stamp], policy: Policy, now: datetime) -> dict[str, Decision]:
     """Keep or drop for every point, with the rules that keep it (pure)."""
-    newest_first = sorted(points, key=lambda p: (p.time, p.id), reverse=True)
+    newest_first = sorted(points, key=lambda p: (p.time.astimezone(UTC), p.seq, p.id), reverse=True)
     kept: dict[str, list[str]] = {p.id: [] for p in points}
     if policy.keep_within is not None:
         for p in newest_first:
@@ -82,8 +91,10 @@ def decide(points: Sequence[Stamp], policy: Policy, now: datetime) -> dict[str, 
         kept[p.id].append(f"last #{i + 1}")
     for rule, pattern in RULES:
         _keep_periods(newest_first, rule, pattern, policy.counts()[rule], kept)
-    if newest_first and not kept[newest_first[0].id]:
-        kept[newest_first[0].id].append("newest (base of the next backup)")
+    if points:
+        latest = max(points, key=lambda p: (p.seq, p.time.astimezone(UTC), p.id))
+        if not kept[latest.id]:
+            kept[latest.id].append("newest (base of the next backup)")
     return {pid: Decision(bool(reasons), tuple(reasons)) for pid, reasons in kept.items()}
 
 
@@ -93,7 +104,7 @@ def _keep_periods(newest_first: Sequence[Stamp], rule: str, pattern: str, n: int
     count, last_period = 0, None
     already = {pid for pid, reasons in kept.items() if reasons}
     for p in newest_first:
-        period = p.time.strftime(pattern)
+        period = p.time.astimezone(UTC).strftime(pattern)
         if period == last_period:
             continue
         last_period = period
