@@ -19,12 +19,12 @@ from .errors import Cancelled, Error
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .backup import BackupOptions, BackupResult, backup
     from .ceph import CephOptions
+    from .engine import BackupOptions, BackupResult, backup
 
 # The Ceph bindings load on first use, so that restores from files work on a
 # machine without them.
-_LAZY = {"BackupOptions": "backup", "BackupResult": "backup", "backup": "backup", "CephOptions": "ceph"}
+_LAZY = {"BackupOptions": "engine", "BackupResult": "engine", "backup": "engine", "CephOptions": "ceph"}
 
 
 def __getattr__(name: str) -> Any:

@@ -28,15 +28,23 @@ def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list
     for point in manifest.chain_of(point_id):
         path = directory / point.file
         parent = manifest.point(point.parent).file if point.parent else None
-        check_header(read_header(path), where=str(path), expected_backing=parent, min_size=point.size)
+        check_header(read_header(path), where=str(path), expected_backing=parent, size=point.size)
         files.append(path)
     return files
 
 
+def orphan_files(directory: Path, manifest: mf.Manifest) -> list[str]:
+    """Files of ours (by their name's shape) that the manifest does not name."""
+    named = {p.file for p in manifest.points} | {sums_file(p.id) for p in manifest.points}
+    return sorted(
+        entry.name
+        for entry in os.scandir(directory)
+        if _ORPHAN.fullmatch(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False)
+    )
+
+
 def remove_orphan_files(directory: Path, manifest: mf.Manifest) -> None:
     """Remove the files of ours that the manifest does not name (call with the chain locked)."""
-    named = {p.file for p in manifest.points} | {sums_file(p.id) for p in manifest.points}
-    for entry in os.scandir(directory):
-        if _ORPHAN.fullmatch(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False):
-            logger.warning("%s: removing %s left by an interrupted run", manifest.image, entry.name)
-            os.unlink(entry.path)
+    for name in orphan_files(directory, manifest):
+        logger.warning("%s: removing %s left by an interrupted run", manifest.image, name)
+        os.unlink(directory / name)

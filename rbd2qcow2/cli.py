@@ -40,6 +40,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text}")
+    return value
+
+
 def _add_ceph(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ceph")
     g.add_argument("--conf", "-c", help="ceph.conf (default: $CEPH_CONF or Ceph's search path)")
@@ -77,12 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--whole-object", action="store_true", help="diff in whole RADOS objects (librbd whole_object)")
     b.add_argument("--wait", action="store_true", help="wait for a chain locked by another run instead of failing")
     b.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    b.add_argument(
+        "--check-unchanged",
+        type=_fraction,
+        default=0.01,
+        metavar="FRACTION",
+        help="compare this fraction of the regions the diff calls unchanged with the snapshot (default 0.01)",
+    )
     b.add_argument("specs", nargs="+", metavar="SPEC", help="POOL, POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     b.set_defaults(func=cmd_backup)
 
     _add_restore_commands(sub, common)
 
     _add_prune_commands(sub, common)
+
+    v = sub.add_parser("verify", parents=[common], help="check chains: structure, content, source")
+    v.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    v.add_argument("--deep", action="store_true", help="read every point through its chain against its checksums")
+    v.add_argument("--source", action="store_true", help="compare points whose RBD snapshot exists with it")
+    v.add_argument("--sample", type=_fraction, default=1.0, metavar="FRACTION", help="part compared by --source")
+    v.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    v.add_argument("--parallel", "-p", type=_positive, default=4, help="reader threads (default 4)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_ceph(v)
+    v.add_argument("specs", nargs="*", metavar="SPEC|POINT", help="pools, images, or POOL/IMAGE@POINT")
+    v.set_defaults(func=cmd_verify)
 
     ls = sub.add_parser("list", parents=[common], help="chains and their points, oldest first")
     ls.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
@@ -232,6 +261,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return combined_exit_code([0 if p.error is None else p.error.exit_code for p in plans])
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import VerifyOptions, verify
+
+    ceph = None
+    if args.source:
+        from .ceph import CephOptions
+
+        ceph = CephOptions(
+            conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
+        )
+    opts = VerifyOptions(
+        target=args.target,
+        deep=args.deep,
+        source=args.source,
+        sample=args.sample,
+        parallel=args.parallel,
+        progress=not args.no_progress,
+        ceph=ceph,
+    )
+    report = verify(args.specs, opts)
+    if args.json:
+        out = {
+            "ok": report.ok,
+            "points_checked": report.points_checked,
+            "bytes_read": report.bytes_read,
+            "problems": [p.as_dict() for p in report.problems],
+        }
+        print(json.dumps(out, indent=1))
+    else:
+        for problem in report.problems:
+            print(f"DAMAGED {problem}")
+        print(f"{report.points_checked} points checked, {len(report.problems)} problems")
+    return 0 if report.ok else os.EX_DATAERR
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     from .prune import delete_point
 
@@ -240,8 +304,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .backup import BackupOptions, backup
     from .ceph import CephOptions
+    from .engine import BackupOptions, backup
 
     opts = BackupOptions(
         target=args.target,
@@ -253,6 +317,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         whole_object=args.whole_object,
         wait=args.wait,
         progress=not args.no_progress,
+        check_unchanged=args.check_unchanged,
     )
     results = backup(args.specs, opts)
     for r in results:

@@ -10,6 +10,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- UsageError      bad arguments or names (64)
                +-- DataError       a chain, manifest or layer is damaged (65)
                |    +-- ChainDamaged
+               |    +-- DiffMismatch  an "unchanged" region differs from the snapshot
                +-- NotFound        image, point or snapshot not found (66)
                +-- CephUnavailable cluster unreachable or refused us (69)
                +-- CephError       a Ceph call failed (74)
@@ -60,6 +61,10 @@ class DataError(Error):
 
 class ChainDamaged(DataError):
     """chain {} is damaged: {}"""
+
+
+class DiffMismatch(DataError):
+    """{}: librbd's diff missed changes ({}); nothing committed, the next backup is a full one"""
 
 
 class NotFound(Error):

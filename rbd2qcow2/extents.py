@@ -19,6 +19,7 @@ may be unsorted or overlapping (librbd's diff has had such bugs).
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -153,3 +154,33 @@ def windows(size: int, window: int, cluster: int = 65536) -> Iterator[Range]:
     step = max(cluster, align_down(window, cluster))
     for off in range(0, size, step):
         yield off, min(off + step, size)
+
+
+def sample_ranges(ranges: list[Range], fraction: float, region: int, rng: random.Random) -> list[Range]:
+    """A random sample of ``region``-sized, ``region``-aligned pieces of ``ranges``.
+
+    About ``fraction`` of the aligned pieces, at least one when there is any
+    and ``fraction > 0``; the result is sorted.
+    """
+    pieces: list[Range] = []
+    for start, end in ranges:
+        for off in range(align_down(start, region), end, region):
+            lo, hi = max(off, start), min(off + region, end)
+            if lo < hi:
+                pieces.append((lo, hi))
+    if fraction <= 0 or not pieces:
+        return []
+    count = min(len(pieces), max(1, round(len(pieces) * fraction)))
+    return sorted(rng.sample(pieces, count))
+
+
+def boundary_extent(parent_size: int | None, size: int, block: int = 65536) -> list[Extent]:
+    """The block at the old end of a resized image, re-read so that the layer records its checksum.
+
+    Its content changes with the size (cut off, or followed by zeros now), so
+    the new layer must hold it even when the diff does not report it.
+    """
+    if parent_size is None or parent_size == size:
+        return []
+    start = align_down(min(parent_size, size), block)
+    return [Extent(start, min(block, size - start), True)] if start < size else []

@@ -30,7 +30,7 @@ from . import names, qemu
 from .chain import checked_chain
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter, block_records, read_records, unpack_records
 from .errors import DataError
-from .extents import Chunk, Extent, plan
+from .extents import Chunk, Extent, boundary_extent, plan
 from .nbdio import Connection, ConnectionPool
 from .pipeline import Stats, Transfer
 from .progress import Progress
@@ -93,7 +93,7 @@ def build(
     parent = m.point(first.parent) if first.parent else None
     extents = merge_extents(
         qemu.map_chain(view_files), len(drop), qemu.map_chain(parent_files) if parent_files else None
-    )
+    ) + boundary_extent(parent.size if parent else None, child.size)
     chunks = plan(extents, start=0, end=child.size)
     layer, sums_path = merge_files(directory, child)
     for stale in (layer, sums_path):

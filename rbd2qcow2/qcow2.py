@@ -94,7 +94,7 @@ def _extensions(raw: bytes, offset: int, where: str) -> dict[int, bytes]:
         offset += (length + 7) & ~7
 
 
-def check_header(h: Header, *, where: str, expected_backing: str | None, min_size: int) -> None:
+def check_header(h: Header, *, where: str, expected_backing: str | None, size: int) -> None:
     """Refuse a header that is not exactly what the manifest leads us to expect."""
     problems = []
     if h.version != 3:
@@ -111,8 +111,8 @@ def check_header(h: Header, *, where: str, expected_backing: str | None, min_siz
         problems.append(f"backing file {h.backing_file!r}, expected {expected_backing!r}")
     if expected_backing is not None and h.backing_format != "qcow2":
         problems.append(f"backing format {h.backing_format!r}, expected 'qcow2'")
-    if h.size < min_size:
-        problems.append(f"virtual size {h.size} smaller than {min_size}")
+    if h.size != -(-size // 512) * 512:  # qemu rounds virtual sizes up to 512 bytes
+        problems.append(f"virtual size {h.size}, the manifest says {size}")
     if problems:
         raise ChainDamaged(where, "; ".join(problems))
 

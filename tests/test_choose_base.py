@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rbd2qcow2 import manifest as mf
-from rbd2qcow2.backup import Base, choose_base
 from rbd2qcow2.ceph import SnapInfo
+from rbd2qcow2.engine import Base, choose_base
 from rbd2qcow2.names import ImageSpec, snapshot_name
 
 TAG = "0123abcd"

@@ -89,6 +89,7 @@ def test_args_are_kept() -> None:
         (UsageError, 64),
         (DataError, 65),
         (ChainDamaged, 65),
+        (errors.DiffMismatch, 65),
         (NotFound, 66),
         (CephUnavailable, 69),
         (CephError, 74),
@@ -118,7 +119,7 @@ def test_exit_codes_are_sysexits() -> None:
 
 def test_every_error_class_has_a_severity() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Error)]
-    assert len(classes) == 12
+    assert len(classes) == 13
     for cls in classes:
         assert cls.exit_code in SEVERITY, cls
         assert cls.__doc__ and "{}" in cls.__doc__, cls

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,9 +32,9 @@ from . import names, qemu
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
-from .errors import Cancelled, ChainDamaged, Error, QemuError, UsageError
-from .extents import Chunk, plan, windows
-from .faults import crashpoint
+from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, QemuError, UsageError
+from .extents import Chunk, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
+from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
 from .nbdio import ConnectionPool
 from .pipeline import Stats, Transfer
@@ -44,6 +45,7 @@ from .target import open_target
 logger = logging.getLogger(__name__)
 
 DIFF_WINDOW = 1 << 30
+UNCHANGED_REGION = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class BackupOptions:
     wait: bool = False
     progress: bool = False
     direct_io: bool = True
+    check_unchanged: float = 0.01  # fraction of unchanged regions compared with the snapshot
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,10 @@ class ImageBackup:
             crashpoint("after-snapshot")
             point = self._write_point(files, base, point_id, snap, image_id)
             mf.save(self.dir, manifest.with_point(point, image_id))
+        except DiffMismatch:
+            self._abandon(point_id, snap.name)
+            self._flag_latest("no-incremental")
+            raise
         except BaseException:
             self._abandon(point_id, snap.name)
             raise
@@ -178,6 +185,13 @@ class ImageBackup:
             if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:
                 logger.warning("%s: removing snapshot %s left by an interrupted run", self.image, snap.name)
                 img.remove_snapshot(snap.name)
+
+    def _flag_latest(self, flag: str) -> None:
+        """Mark the latest point so that the next backup does not build on it."""
+        m = mf.load(self.dir)
+        if m is not None and m.latest is not None and flag not in m.latest.flags:
+            flagged = dataclasses.replace(m.latest, flags=(*m.latest.flags, flag))
+            mf.save(self.dir, dataclasses.replace(m, points=(*m.points[:-1], flagged)))
 
     def _abandon(self, point_id: str, snap_name: str) -> None:
         """Undo an uncommitted point: its files and its snapshot.
@@ -260,6 +274,7 @@ class ImageBackup:
         return self.daemon.export_chain(files, writable=True, direct=False)
 
     def _transfer(self, files: list[Path], base: Base, snap: SnapInfo, sums: OrderedWriter) -> Stats:
+        changed: list[Range] = []
         export = self._export(files)
         try:
             pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
@@ -276,7 +291,9 @@ class ImageBackup:
                         hide_zeros=base.point is not None,
                         progress=bar.update,
                         fault=_mid_transfer_fault,
-                    ).run(self._chunks(base, snap, bar.skip))
+                    ).run(self._chunks(base, snap, bar.skip, changed))
+                if base.point is not None:
+                    self._check_unchanged(pool, snap, changed)
                 pool.flush()
             finally:
                 pool.close()
@@ -291,14 +308,37 @@ class ImageBackup:
         )
         return stats
 
-    def _chunks(self, base: Base, snap: SnapInfo, skip: Callable[[int], None]) -> Iterator[Chunk]:
+    def _chunks(self, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]) -> Iterator[Chunk]:
+        """Planned requests, window by window; ``changed`` collects the ranges they cover."""
         from_snap = base.point.snapshot.name if base.point else None
+        seen = 0
         with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as img:
             for start, end in windows(snap.size, DIFF_WINDOW):
                 extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
-                chunks = plan(extents, start=start, end=end)
+                kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
+                seen += len(extents)
+                chunks = plan(kept, start=start, end=end)
+                changed += union((c.offset, c.end) for c in chunks)
                 skip(end - start - sum(c.length for c in chunks))
                 yield from chunks
+
+    def _check_unchanged(self, pool: ConnectionPool, snap: SnapInfo, changed: list[Range]) -> None:
+        """Compare a random sample of what the diff calls unchanged with the snapshot itself.
+
+        The new layer reads those regions from its backing chain (the previous
+        point); they must equal the snapshot.  A difference means librbd's
+        diff cannot be trusted for this image.
+        """
+        unchanged = subtract([(0, snap.size)], union(changed))
+        sample = sample_ranges(unchanged, self.opts.check_unchanged, UNCHANGED_REGION, random.Random())
+        if not sample:
+            return
+        conn = pool.for_thread()
+        with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as img:
+            for start, end in sample:
+                if img.read(start, end - start) != conn.pread(end - start, start):
+                    raise DiffMismatch(self.image, f"region {start}-{end} differs from the previous point")
+        logger.info("%s: %d unchanged regions sampled, all equal to the snapshot", self.image, len(sample))
 
 
 def _mid_transfer_fault(seq: int) -> None:
@@ -319,6 +359,8 @@ def choose_base(
         return Base(None, f"image was re-created (id {image_id}, chain has {latest.image_id}): new chain")
     if "damaged" in latest.flags:
         return Base(None, f"point {latest.id} failed verification: new chain")
+    if "no-incremental" in latest.flags:
+        return Base(None, f"librbd's diff since {latest.id} missed changes: new chain")
     snap = next((s for s in snapshots if s.name == latest.snapshot.name), None)
     if snap is None:
         return Base(None, f"snapshot {latest.snapshot.name} of the last point is gone: new chain")
