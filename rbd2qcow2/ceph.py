@@ -7,8 +7,10 @@ and the project's own exceptions (``raise ... from exc``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -186,6 +188,34 @@ class RbdImage:
     def zero(self, length: int, offset: int) -> None:
         """Make ``[offset, offset+length)`` read as zeros."""
         _wrap(f"{self.label}: write zeroes {length} at {offset}", lambda: self._img.write_zeroes(offset, length))
+
+    def read_many(self, ranges: list[tuple[int, int]], timeout: float = 60.0) -> list[bytes]:
+        """Read several ``(start, end)`` ranges with all requests in flight at once."""
+        results: list[bytes | None] = [None] * len(ranges)
+        errors: list[int] = []
+        done = threading.Semaphore(0)
+
+        def finish(i: int) -> Callable[[Any, Any], None]:
+            def cb(completion: Any, data: Any) -> None:
+                ret = completion.get_return_value()
+                if ret < 0:
+                    errors.append(ret)
+                else:
+                    results[i] = bytes(data)
+                done.release()
+
+            return cb
+
+        for i, (start, end) in enumerate(ranges):
+            _wrap(
+                f"{self.label}: read at {start}", functools.partial(self._img.aio_read, start, end - start, finish(i))
+            )
+        for _ in ranges:
+            if not done.acquire(timeout=timeout):
+                raise CephError(f"{self.label}: read timed out after {timeout} s")
+        if errors or any(r is None for r in results):
+            raise CephError(f"{self.label}: read failed ({errors[0] if errors else 'no data'})")
+        return [r for r in results if r is not None]
 
     def read(self, offset: int, length: int) -> bytes:
         data = _wrap(f"{self.label}: read {length} at {offset}", lambda: self._img.read(offset, length))

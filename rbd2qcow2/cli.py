@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--check-unchanged",
         type=_fraction,
-        default=0.01,
+        default=0.002,
         metavar="FRACTION",
-        help="compare this fraction of the regions the diff calls unchanged with the snapshot (default 0.01)",
+        help="compare this fraction of the regions the diff calls unchanged with the snapshot (default 0.002)",
     )
     b.add_argument("specs", nargs="+", metavar="SPEC", help="POOL, POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     b.set_defaults(func=cmd_backup)

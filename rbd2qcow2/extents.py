@@ -18,6 +18,7 @@ may be unsorted or overlapping (librbd's diff has had such bugs).
 
 from __future__ import annotations
 
+import bisect
 import enum
 import random
 from collections.abc import Iterable, Iterator
@@ -160,18 +161,25 @@ def sample_ranges(ranges: list[Range], fraction: float, region: int, rng: random
     """A random sample of ``region``-sized, ``region``-aligned pieces of ``ranges``.
 
     About ``fraction`` of the aligned pieces, at least one when there is any
-    and ``fraction > 0``; the result is sorted.
+    and ``fraction > 0``; the result is sorted.  Pieces are counted, not
+    listed, so a sample of a huge image costs only the pieces it picks.
     """
-    pieces: list[Range] = []
+    starts, firsts, total = [], [], 0
     for start, end in ranges:
-        for off in range(align_down(start, region), end, region):
-            lo, hi = max(off, start), min(off + region, end)
-            if lo < hi:
-                pieces.append((lo, hi))
-    if fraction <= 0 or not pieces:
+        if start < end:
+            starts.append((start, end))
+            firsts.append(total)
+            total += (align_up(end, region) - align_down(start, region)) // region
+    if fraction <= 0 or total == 0:
         return []
-    count = min(len(pieces), max(1, round(len(pieces) * fraction)))
-    return sorted(rng.sample(pieces, count))
+    count = min(total, max(1, round(total * fraction)))
+    picked = []
+    for n in rng.sample(range(total), count):
+        i = bisect.bisect_right(firsts, n) - 1
+        start, end = starts[i]
+        off = align_down(start, region) + (n - firsts[i]) * region
+        picked.append((max(off, start), min(off + region, end)))
+    return sorted(picked)
 
 
 def boundary_extent(parent_size: int | None, size: int, block: int = 65536) -> list[Extent]:

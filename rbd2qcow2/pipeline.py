@@ -1,13 +1,16 @@
-"""The parallel diff-puller: RBD reads in worker threads, NBD writes, checksums.
+"""The parallel diff-puller: reads in ``pull-N`` threads, writes in ``write-N`` threads.
 
 The main thread feeds planned chunks into a bounded queue (``2*workers+1``
-deep, so memory stays flat whatever the image size).  Each ``pull-N`` worker
-owns a reader (its own ``rbd.Image``), reads a chunk, cuts it into blocks,
-records a checksum per block, and writes the data blocks with NBD WRITE and
-the all-zero blocks with WRITE_ZEROES (or, in a layer without backing file,
-not at all: such a layer reads as zeros already).  Results come back to the
-main thread in a second queue; the first worker exception stops the feed and
-is re-raised in the main thread.
+deep).  Each ``pull-N`` thread owns a reader (its own ``rbd.Image``), reads a
+chunk, cuts it into blocks, records a checksum per block and sorts them into
+data runs and all-zero runs.  It hands the result to the ``write-N`` threads
+through a second bounded queue (``writers`` deep), so reads never wait for
+writes and at most ``workers + 2*writers`` chunks are in memory, whatever
+the image size.  A writer sends data runs as NBD WRITE and zero runs as
+WRITE_ZEROES (or, in a layer without backing file, not at all: it reads as
+zeros already).  Results come back to the main thread in a third queue; the
+first exception in any thread stops the feed and is re-raised in the main
+thread.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .checksums import BLOCK_SIZE, block_records, zero_records
 from .extents import Chunk, Kind
 
 logger = logging.getLogger(__name__)
 POLL = 0.1
+_T = TypeVar("_T")
 JOIN_TIMEOUT = 120.0
 
 
@@ -71,6 +75,14 @@ class _Done:
     length: int
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A read chunk, cut into runs: ``(is_zero, offset, view)``; zero runs carry a length."""
+
+    done: _Done
+    runs: list[tuple[bool, int, memoryview | int]]
+
+
 def _runs(flags: list[bool]) -> Iterable[tuple[bool, int, int]]:
     """Runs of equal flags as ``(flag, first index, end index)``."""
     start = 0
@@ -92,6 +104,7 @@ class Transfer:
         size: int,
         workers: int,
         hide_zeros: bool,
+        writers: int | None = None,
         progress: Callable[[int], None] = lambda n: None,
         fault: Callable[[int], None] = lambda seq: None,
     ) -> None:
@@ -100,23 +113,29 @@ class Transfer:
         self._sums = sums
         self._size = size
         self._workers = max(1, workers)
+        self._writers = max(1, writers or (workers + 1) // 2)
         self._hide_zeros = hide_zeros
         self._progress = progress
         self._fault = fault
         self._todo: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(maxsize=2 * self._workers + 1)
+        self._writes: queue.Queue[_Job | None] = queue.Queue(maxsize=2)
         self._done: queue.Queue[_Done] = queue.Queue()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self.stats = Stats()
 
     def run(self, chunks: Iterable[Chunk]) -> Stats:
-        threads = [threading.Thread(target=self._worker, name=f"pull-{i}", daemon=True) for i in range(self._workers)]
-        for t in threads:
-            t.start()
+        # Threads start as chunks arrive: a small diff opens few readers and connections.
+        pullers: list[threading.Thread] = []
+        writers: list[threading.Thread] = []
         sent = received = 0
         try:
             for seq, chunk in enumerate(chunks):
                 self._fault(seq)
+                if len(pullers) < self._workers:
+                    pullers.append(_thread(self._puller, f"pull-{len(pullers)}"))
+                if len(writers) < self._writers:
+                    writers.append(_thread(self._writer, f"write-{len(writers)}"))
                 self._put((seq, chunk))
                 sent += 1
                 received += self._drain(block=False)
@@ -124,7 +143,8 @@ class Transfer:
                 self._raise_if_failed()
                 received += self._drain(block=True)
         finally:
-            self._shutdown(threads)
+            self._shutdown(self._todo, pullers)
+            self._shutdown(self._writes, writers)
         self._raise_if_failed()
         return self.stats
 
@@ -154,56 +174,85 @@ class Transfer:
         if self._errors:
             raise self._errors[0]
 
-    def _shutdown(self, threads: list[threading.Thread]) -> None:
+    def _fail(self, exc: BaseException) -> None:
+        self._errors.append(exc)
         self._stop.set()
+
+    def _shutdown(self, q: queue.Queue[_T | None], threads: list[threading.Thread]) -> None:
+        """Stop the threads that read ``q``: a ``None`` for each, dropping queued work if stopped."""
         for _ in threads:
             while any(t.is_alive() for t in threads):
                 try:
-                    self._todo.put(None, timeout=POLL)
+                    q.put(None, timeout=POLL)
                     break
                 except queue.Full:
-                    with contextlib.suppress(queue.Empty):
-                        self._todo.get_nowait()
+                    if self._stop.is_set():
+                        with contextlib.suppress(queue.Empty):
+                            q.get_nowait()
         for t in threads:
             t.join(JOIN_TIMEOUT)
             if t.is_alive():
-                logger.error("worker %s did not stop", t.name)
+                logger.error("thread %s did not stop", t.name)
 
-    def _worker(self) -> None:
+    def _puller(self) -> None:
         try:
             with self._open_reader() as reader:
-                writer = self._sink.for_thread()
-                while True:
-                    item = self._todo.get()
-                    if item is None or self._stop.is_set():
-                        return
-                    seq, chunk = item
-                    self._done.put(self._one(reader, writer, seq, chunk))
+                while (item := self._todo.get()) is not None:
+                    if not self._stop.is_set():
+                        self._handoff(self._prepare(reader, *item))
         except BaseException as exc:  # carried to the main thread
-            self._errors.append(exc)
-            self._stop.set()
+            self._fail(exc)
 
-    def _one(self, reader: Reader, writer: Writer, seq: int, chunk: Chunk) -> _Done:
+    def _handoff(self, job: _Job) -> None:
+        while not self._stop.is_set():
+            try:
+                self._writes.put(job, timeout=POLL)
+                return
+            except queue.Full:
+                continue
+
+    def _writer(self) -> None:
+        try:
+            writer = self._sink.for_thread()
+            while (job := self._writes.get()) is not None:
+                if not self._stop.is_set():
+                    self._write(writer, job)
+                    self._done.put(job.done)
+        except BaseException as exc:  # carried to the main thread
+            self._fail(exc)
+
+    def _prepare(self, reader: Reader, seq: int, chunk: Chunk) -> _Job:
         stats = Stats()
         if chunk.kind is Kind.ZERO:
-            if self._hide_zeros:
-                writer.zero(chunk.length, chunk.offset)
-                stats.zero_bytes = chunk.length
-            else:
-                stats.skipped_bytes = chunk.length
-            return _Done(seq, zero_records(chunk.offset, chunk.length, self._size), stats, chunk.length)
+            records = zero_records(chunk.offset, chunk.length, self._size)
+            return _Job(_Done(seq, records, stats, chunk.length), [(True, chunk.offset, chunk.length)])
         data = reader.read(chunk.offset, chunk.length)
         stats.read_bytes = len(data)
         records, zeros = block_records(chunk.offset, data)
         view = memoryview(data)
+        runs: list[tuple[bool, int, memoryview | int]] = []
         for is_zero, first, end in _runs(zeros):
             start, stop = first * BLOCK_SIZE, min(end * BLOCK_SIZE, len(data))
+            runs.append((is_zero, chunk.offset + start, stop - start if is_zero else view[start:stop]))
+        return _Job(_Done(seq, records, stats, chunk.length), runs)
+
+    def _write(self, writer: Writer, job: _Job) -> None:
+        stats = job.done.stats
+        for is_zero, offset, payload in job.runs:
             if not is_zero:
-                writer.pwrite(view[start:stop], chunk.offset + start)
-                stats.data_bytes += stop - start
-            elif self._hide_zeros:
-                writer.zero(stop - start, chunk.offset + start)
-                stats.zero_bytes += stop - start
+                assert isinstance(payload, memoryview)
+                writer.pwrite(payload, offset)
+                stats.data_bytes += len(payload)
+                continue
+            assert isinstance(payload, int)
+            if self._hide_zeros:
+                writer.zero(payload, offset)
+                stats.zero_bytes += payload
             else:
-                stats.skipped_bytes += stop - start
-        return _Done(seq, records, stats, chunk.length)
+                stats.skipped_bytes += payload
+
+
+def _thread(target: Callable[[], None], name: str) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t

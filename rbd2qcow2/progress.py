@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 from types import TracebackType
-from typing import Never
+from typing import TYPE_CHECKING, Never
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class Progress:
@@ -15,6 +16,8 @@ class Progress:
     def __init__(self, label: str, total: int, *, enabled: bool) -> None:
         self._bar: tqdm[Never] | None = None
         if enabled and sys.stderr.isatty():
+            from tqdm import tqdm  # imported only for a terminal: it costs start-up time
+
             self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
     def update(self, n: int) -> None:
