@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,7 +21,7 @@ from typing import Any, TypeVar
 import rados
 import rbd
 
-from .errors import CephError, CephUnavailable, NotFound
+from .errors import CephError, CephUnavailable, Claimed, NotFound
 from .extents import Extent
 from .names import ImageSpec
 
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 30
+CLAIM_LOCK = "rbd2qcow2"
+LOCK_FLAG_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,45 @@ class Cluster:
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             _wrap(f"remove image {spec}", lambda: rbd.RBD().remove(ioctx, spec.name))
 
+    @contextlib.contextmanager
+    def claim(self, spec: ImageSpec, ttl: int) -> Iterator[None]:
+        """Hold a RADOS lock that says "this host backs up ``spec`` now", renewed while held.
+
+        The lock lives on a small object of ours beside the image
+        (``rbd2qcow2_claim.<hash of the name>``) with a duration of ``ttl``
+        seconds, renewed every ``ttl/3``: if this host dies, the claim
+        expires by itself.  Raises :class:`Claimed` when another holder has it.
+        """
+        obj = "rbd2qcow2_claim." + hashlib.sha256(spec.name.encode()).hexdigest()[:24]
+        cookie = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            try:
+                ioctx.lock_exclusive(obj, CLAIM_LOCK, cookie, desc=str(spec), duration=ttl)
+            except rados.ObjectBusy as exc:
+                raise Claimed(str(spec)) from exc
+            except rados.Error as exc:
+                raise CephError(f"claim on {spec}: {exc}") from exc
+            stop = threading.Event()
+            renewer = threading.Thread(
+                target=_renew, args=(ioctx, obj, cookie, ttl, stop, str(spec)), name="claim", daemon=True
+            )
+            renewer.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                renewer.join()
+                with contextlib.suppress(rados.Error):
+                    ioctx.unlock(obj, CLAIM_LOCK, cookie)
+
+
+def _renew(ioctx: Any, obj: str, cookie: str, ttl: int, stop: threading.Event, label: str) -> None:
+    while not stop.wait(ttl / 3):
+        try:
+            ioctx.lock_exclusive(obj, CLAIM_LOCK, cookie, desc=label, duration=ttl, flags=LOCK_FLAG_RENEW)
+        except rados.Error as exc:
+            logger.error("%s: could not renew the claim: %s", label, exc)
+
 
 class RbdImage:
     """An open ``rbd.Image``."""
@@ -174,6 +218,17 @@ class RbdImage:
             ),
         )
         return out
+
+    def metadata(self, key: str) -> str | None:
+        """An image-meta value (``rbd image-meta get``), or None."""
+        try:
+            return str(self._img.metadata_get(key))
+        except KeyError:
+            return None
+        except (rbd.Error, rados.Error) as exc:
+            if isinstance(exc, rbd.ObjectNotFound):
+                return None
+            raise CephError(f"{self.label}: image-meta {key}: {exc}") from exc
 
     def resize(self, size: int) -> None:
         _wrap(f"{self.label}: resize to {size}", lambda: self._img.resize(size, allow_shrink=True))

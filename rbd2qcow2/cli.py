@@ -118,7 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("specs", nargs="*", metavar="SPEC", help="only these pools or images")
     ls.set_defaults(func=cmd_list)
+
+    _add_usage_command(sub, common)
     return parser
+
+
+def _add_usage_command(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    du = sub.add_parser("du", parents=[common], help="bytes stored per image, per pool and in total")
+    du.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    du.add_argument("--json", action="store_true", help="machine-readable output (always with every point)")
+    du.add_argument("--points", action="store_true", help="also every point: stored, and freed if removed")
+    du.add_argument("specs", nargs="*", metavar="SPEC", help="only these pools or images")
+    du.set_defaults(func=cmd_du)
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from . import usage
+
+    report = usage.disk_usage(args.target, [parse_spec(s) for s in args.specs])
+    if args.json:
+        print(json.dumps(usage.usage_dict(report), indent=1))
+    else:
+        print(usage.format_table(report, points=args.points))
+    for problem in report.problems:
+        logger.error("%s", problem)
+    return report.exit_code
 
 
 def _add_restore_commands(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import names, qemu
+from .activity import point_latest, record
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
@@ -142,6 +143,7 @@ class ImageBackup:
         self.image = image
         self.opts = opts
         self.dir = make_dirs(opts.target, names.chain_relpath(image))
+        self.stats = Stats()
 
     def run(self) -> tuple[mf.Point, str]:
         with chain_lock(self.dir, wait=self.opts.wait, what=str(self.image)):
@@ -176,6 +178,11 @@ class ImageBackup:
                 self._abandon(img, point_id, snap.name)
                 raise
             crashpoint("after-commit")
+            point_latest(self.dir, point.file)
+            record(
+                self.dir,
+                f"backup {point.id} {point.kind} data={point.data_bytes} zeros={point.zero_bytes} ({base.reason})",
+            )
             self._remove_old_snapshots(img, snap.name)
         return point, base.reason
 
@@ -299,6 +306,7 @@ class ImageBackup:
                 pool.close()
         finally:
             self.daemon.remove_export(export)
+        self.stats = stats
         logger.info(
             "%s: %d bytes data, %d bytes zeros written, %d zero bytes skipped",
             self.image,

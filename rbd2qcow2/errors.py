@@ -18,6 +18,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- NbdError        an NBD request failed (74)
                +-- TargetError     the target directory cannot be used (73)
                +-- Locked          another run holds the chain lock (75)
+               +-- Claimed         another host holds the image's RADOS claim (75)
                +-- ConfigError     configuration is wrong (78)
 
 ``Cancelled`` derives from ``BaseException`` so that no ``except Exception``
@@ -105,6 +106,12 @@ class TargetError(Error):
 
 class Locked(Error):
     """{} is locked by another rbd2qcow2 run"""
+
+    exit_code = os.EX_TEMPFAIL
+
+
+class Claimed(Error):
+    """{} is being backed up by another host"""
 
     exit_code = os.EX_TEMPFAIL
 

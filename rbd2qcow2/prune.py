@@ -31,6 +31,7 @@ from typing import Any
 
 from . import manifest as mf
 from . import merge, names, qemu
+from .activity import point_latest, record
 from .chain import remove_orphan_files
 from .errors import Error, UsageError
 from .faults import crashpoint
@@ -202,8 +203,11 @@ def apply(directory: Path, m: mf.Manifest, actions: Sequence[Action], opts: Prun
         for action in actions:
             if isinstance(action, Delete):
                 m = _delete(directory, m, action)
+                record(directory, f"prune deleted {' '.join(action.drop)}")
             else:
                 m = _merge(directory, m, action, daemon, opts)
+                record(directory, f"prune merged {' '.join(action.drop)} into {action.child}")
+    point_latest(directory, m.latest.file if m.latest else None)
     return m
 
 

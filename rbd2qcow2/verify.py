@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import stat
 import threading
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import manifest as mf
 from . import names, qemu
+from .activity import LATEST
 from .chain import orphan_files
 from .checksums import BLOCK_SIZE, file_sha256, read_records, unpack_records, zero_digest
 from .errors import Error, Locked
@@ -196,7 +198,8 @@ class ChainVerifier:
         for path in [self.dir, *self.dir.iterdir()]:
             mode = path.lstat().st_mode
             if stat.S_ISLNK(mode):
-                self.problem("unexpected symbolic link", file=path.name)
+                if path.name != LATEST or os.readlink(path) != (self.m.latest.file if self.m.latest else None):
+                    self.problem("unexpected symbolic link", file=path.name)
             elif stat.S_IMODE(mode) & 0o077:
                 self.problem(f"readable or writable by others (mode {stat.S_IMODE(mode):o})", file=path.name)
 

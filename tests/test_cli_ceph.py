@@ -71,7 +71,7 @@ def backup_checked(ceph: Ceph, target: Path, name: str, tmp: Path, *extra: str) 
 
 
 def layer_files(directory: Path) -> set[str]:
-    return {p.name for p in directory.iterdir() if p.name not in ("lock", mf.NAME)}
+    return {p.name for p in directory.iterdir() if p.name not in ("lock", mf.NAME, "latest", "activity.log")}
 
 
 # -- exit codes -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def assert_points(target: Path, ceph: Ceph, name: str, expected: dict[str, Path]
         check = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(directory / p.file)], capture_output=True)
         assert check.returncode == 0, check.stdout
     named = {p.file for p in m.points} | {f"{p.id}.sums" for p in m.points}
-    assert {f.name for f in directory.iterdir()} - {"lock", "manifest.json"} == named
+    assert {f.name for f in directory.iterdir()} - {"lock", "manifest.json", "latest", "activity.log"} == named
+    assert os.readlink(directory / "latest") == m.points[-1].file
     assert m.pending is None
     return m
 
