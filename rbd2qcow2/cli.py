@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -381,7 +383,16 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
+def _limit_malloc_arenas() -> None:
+    """Two malloc arenas instead of eight per core: librbd's and our threads otherwise
+    each keep freed 4 MiB buffers in their own arena (measured: peak RSS 185 -> 136 MiB
+    for a 2 GiB full backup, at the same speed)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _limit_malloc_arenas()
     handlers: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         handlers[sig] = signal.signal(sig, _raise_cancelled)
