@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_prune_commands(sub, common)
 
+    n = sub.add_parser("run", parents=[common], help="the nightly job: back up, prune, verify per a config file")
+    n.add_argument("--config", "-C", required=True, type=Path, help="TOML configuration (see docs/operations.md)")
+    n.add_argument("--json", action="store_true", help="the run summary as JSON on stdout")
+    n.add_argument("--metrics", type=Path, metavar="FILE", help="write a Prometheus textfile (node_exporter)")
+    n.add_argument("--check-config", action="store_true", help="only check the configuration")
+    n.set_defaults(func=cmd_run)
+
     v = sub.add_parser("verify", parents=[common], help="check chains: structure, content, source")
     v.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
     v.add_argument("--deep", action="store_true", help="read every point through its chain against its checksums")
@@ -285,6 +292,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for plan in plans:
             print(format_plan(plan, dry_run=args.dry_run))
     return combined_exit_code([0 if p.error is None else p.error.exit_code for p in plans])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import config
+
+    cfg = config.load(args.config)
+    if args.check_config:
+        print(f"{args.config}: ok ({len(cfg.clusters)} clusters, target {cfg.target})")
+        return 0
+    from . import nightly, report
+
+    result = nightly.run(cfg)
+    print(report.summary_text(result), file=sys.stderr)
+    if args.json:
+        print(report.summary_json(result))
+    if args.metrics is not None:
+        report.write_metrics(args.metrics, result)
+    return report.exit_code(result)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -261,7 +261,7 @@ class ImageBackup:
             id=point_id,
             file=layer.name,
             parent=base.point.id if base.point else None,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="milliseconds"),
             size=snap.size,
             image_id=image_id,
             snapshot=mf.Snapshot(snap.name, snap.id),

@@ -251,11 +251,12 @@ def prune(specs: Sequence[str], opts: PruneOptions) -> list[ImagePlan]:
             continue
         if selectors and not any(s.matches(item.image) for s in selectors):
             continue
-        results.append(_prune_one(directory, item.image, opts))
+        results.append(prune_chain(directory, item.image, opts))
     return results
 
 
-def _prune_one(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> ImagePlan:
+def prune_chain(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> ImagePlan:
+    """Recover, plan and apply the policy to one chain, under its lock."""
     try:
         with chain_lock(directory, wait=opts.wait, what=str(image)):
             m = mf.load(directory)

@@ -1,0 +1,308 @@
+"""``run --config``: back up, prune and verify every selected image of every cluster.
+
+Images run in parallel, ``jobs`` at a time; each job thread has its own
+qemu-storage-daemon, and each image gets ``parallel`` reader threads, so the
+run never has more than ``jobs * (parallel + parallel // 2 + 1)`` data
+threads.  Before touching an image, a job claims it through Ceph (a RADOS
+lock with a lease, see :meth:`rbd2qcow2.ceph.Cluster.claim`), so several
+hosts can run the same configuration against one pool: an image that is
+claimed elsewhere, or that got a point after this run started, is left to
+the other run.  A failure of one image is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import manifest as mf
+from . import qemu
+from .activity import record
+from .ceph import CephOptions, Cluster
+from .config import SKIP_META, ClusterConfig, RunConfig
+from .engine import BackupOptions, ImageBackup
+from .errors import Cancelled, Claimed, DataError, Error
+from .names import ImageSpec
+from .prune import PruneOptions, prune_chain
+from .retention import Policy
+from .target import chain_dir, iter_chains, open_target
+from .verify import Report, VerifyOptions, verify_chain
+
+logger = logging.getLogger(__name__)
+
+OK, FAILED, SKIPPED, DELETED = "ok", "failed", "skipped", "deleted"
+
+
+@dataclass
+class ImageReport:
+    """What happened to one image in this run."""
+
+    cluster: str
+    image: ImageSpec
+    status: str = OK
+    point: str | None = None
+    kind: str | None = None
+    reason: str = ""
+    error: str | None = None
+    exit_code: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    last_success: str | None = None  # ISO time of the newest point, whatever this run did
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cluster": self.cluster,
+            "pool": self.image.pool,
+            "namespace": self.image.namespace,
+            "image": self.image.name,
+            "status": self.status,
+            "point": self.point,
+            "kind": self.kind,
+            "reason": self.reason,
+            "error": self.error,
+            "seconds": round(self.seconds, 3),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "last_success": self.last_success,
+        }
+
+
+@dataclass
+class RunReport:
+    started: datetime
+    images: list[ImageReport] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)  # failures outside any image (a cluster down)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(i.status != FAILED for i in self.images)
+
+
+@dataclass(frozen=True)
+class _Work:
+    cluster: ClusterConfig
+    handle: Cluster
+    image: ImageSpec
+
+
+def run(cfg: RunConfig) -> RunReport:
+    """The whole nightly job for one configuration."""
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    report = RunReport(started)
+    tag = open_target(cfg.target, create=True)
+    handles: list[Cluster] = []
+    try:
+        work: list[_Work] = []
+        for cc in cfg.clusters:
+            handle = _connect(cc, report)
+            if handle is None:
+                continue
+            handles.append(handle)
+            images = _select(handle, cc, report)
+            work += [_Work(cc, handle, image) for image in images]
+            report.images += _deleted(cfg, cc, images)
+        report.images += _run_jobs(cfg, tag, work, started)
+    finally:
+        for h in handles:
+            h.close()
+    report.images.sort(key=lambda r: (r.cluster, r.image))
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _connect(cc: ClusterConfig, report: RunReport) -> Cluster | None:
+    try:
+        return Cluster(CephOptions(conf=cc.conf, client_id=cc.client_id, keyring=cc.keyring))
+    except Error as exc:
+        logger.error("cluster %s: %s", cc.name, exc)
+        report.errors.append(f"cluster {cc.name}: {exc}")
+        return None
+
+
+def _select(handle: Cluster, cc: ClusterConfig, report: RunReport) -> list[ImageSpec]:
+    found: list[ImageSpec] = []
+    for pool in cc.pools:
+        try:
+            images = handle.list_images(pool.name, None)
+        except Error as exc:
+            logger.error("cluster %s pool %s: %s", cc.name, pool.name, exc)
+            report.errors.append(f"cluster {cc.name} pool {pool.name}: {exc}")
+            continue
+        found += [i for i in images if pool.wants(i)]
+    return list(dict.fromkeys(found))
+
+
+def _deleted(cfg: RunConfig, cc: ClusterConfig, present: list[ImageSpec]) -> list[ImageReport]:
+    """Chains of configured pools whose image is gone from Ceph: kept, and reported."""
+    if not cfg.target.is_dir():
+        return []
+    alive = set(present)
+    reports = []
+    for _directory, m in iter_chains(cfg.target):
+        if isinstance(m, Error) or m.image in alive:
+            continue
+        if any(p.name == m.image.pool and p.wants(m.image) for p in cc.pools):
+            latest = m.latest.created if m.latest else None
+            reports.append(
+                ImageReport(
+                    cc.name, m.image, DELETED, reason="image no longer in Ceph; chain kept", last_success=latest
+                )
+            )
+    return reports
+
+
+def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) -> list[ImageReport]:
+    todo: queue.Queue[_Work | None] = queue.Queue()
+    for w in work:
+        todo.put(w)
+    results: list[ImageReport] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            with qemu.storage_daemon() as daemon:
+                while (item := _next(todo)) is not None:
+                    r = _one(cfg, tag, item, daemon, started)
+                    with lock:
+                        results.append(r)
+        except BaseException as exc:  # carried to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, name=f"job-{i}", daemon=True) for i in range(min(cfg.jobs, len(work)))]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+    except BaseException:
+        _drain(todo)
+        raise
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _next(todo: queue.Queue[_Work | None]) -> _Work | None:
+    try:
+        return todo.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _drain(todo: queue.Queue[_Work | None]) -> None:
+    while _next(todo) is not None:
+        pass
+
+
+def _one(cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started: datetime) -> ImageReport:
+    report = ImageReport(w.cluster.name, w.image)
+    t0 = time.monotonic()
+    try:
+        with w.handle.claim(w.image, cfg.claim_ttl):
+            _backup_prune_verify(cfg, tag, w, daemon, started, report)
+    except Claimed as exc:
+        report.status, report.reason = SKIPPED, str(exc)
+    except Cancelled:
+        raise
+    except Error as exc:
+        report.status, report.error, report.exit_code = FAILED, str(exc), exc.exit_code
+        logger.error("%s: %s", w.image, exc)
+        record(chain_dir(cfg.target, w.image), f"run failed: {exc}")
+    except Exception as exc:  # a bug must not stop the other images
+        logger.exception("%s: internal error", w.image)
+        report.status, report.error, report.exit_code = FAILED, f"internal error: {exc!r}", 70
+    report.seconds = time.monotonic() - t0
+    report.last_success = report.last_success or _last_success(cfg.target, w.image)
+    return report
+
+
+def _backup_prune_verify(
+    cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started: datetime, report: ImageReport
+) -> None:
+    directory = chain_dir(cfg.target, w.image)
+    done_elsewhere = _point_since(directory, started)
+    if done_elsewhere is not None:
+        report.status, report.point = SKIPPED, done_elsewhere
+        report.reason = "backed up by another run since this one started"
+        return
+    with w.handle.image(w.image, read_only=True) as img:
+        if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
+            report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
+            return
+    opts = BackupOptions(
+        target=cfg.target,
+        parallel=cfg.parallel,
+        whole_object=cfg.whole_object,
+        check_unchanged=cfg.check_unchanged,
+        wait=True,
+    )
+    job = ImageBackup(w.handle, daemon, tag, w.image, opts)
+    point, reason = job.run()
+    report.point, report.kind, report.reason = point.id, point.kind, reason
+    report.bytes_read, report.bytes_written = job.stats.read_bytes, point.data_bytes + point.zero_bytes
+    report.last_success = point.created
+    if cfg.retention is not None or cfg.max_depth is not None:
+        prune_opts = PruneOptions(
+            target=cfg.target,
+            policy=cfg.retention or Policy(),
+            max_depth=cfg.max_depth,
+            parallel=cfg.parallel,
+            wait=True,
+        )
+        plan = prune_chain(directory, w.image, prune_opts)
+        if plan.error is not None:
+            raise plan.error
+    if cfg.verify.structure or cfg.verify.deep or cfg.verify.source_sample > 0:
+        _verify(cfg, w, directory, daemon, point.id)
+
+
+def _verify(cfg: RunConfig, w: _Work, directory: Path, daemon: qemu.StorageDaemon, point_id: str) -> None:
+    opts = VerifyOptions(
+        target=cfg.target,
+        deep=cfg.verify.deep,
+        source=cfg.verify.source_sample > 0,
+        sample=cfg.verify.source_sample,
+        parallel=cfg.parallel,
+    )
+    result = Report()
+    m = mf.load(directory)
+    if m is None:
+        return
+    verify_chain(directory, m, daemon, opts, result, w.handle if opts.source else None, [point_id])
+    if not result.ok:
+        raise DataError("; ".join(str(p) for p in result.problems))
+    record(directory, f"verify {point_id} ok")
+
+
+def _point_since(directory: Path, started: datetime) -> str | None:
+    try:
+        m = mf.load(directory)
+    except Error:
+        return None
+    if m is None or m.latest is None:
+        return None
+    created = datetime.fromisoformat(m.latest.created)
+    return m.latest.id if created >= started else None
+
+
+def _last_success(target: Path, image: ImageSpec) -> str | None:
+    try:
+        m = mf.load(chain_dir(target, image))
+    except Error:
+        return None
+    return m.latest.created if m is not None and m.latest is not None else None
+
+
+def iter_failed(report: RunReport) -> Iterator[ImageReport]:
+    return (i for i in report.images if i.status == FAILED)

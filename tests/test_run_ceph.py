@@ -1,0 +1,134 @@
+"""The nightly run: many images, two hosts at once, failures that stay local, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import REPO, Ceph, MiB, run_cli
+
+from rbd2qcow2 import manifest as mf
+from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.target import chain_dir
+
+pytestmark = pytest.mark.ceph
+
+
+@pytest.fixture
+def pool(ceph_cluster: object, ceph: Ceph) -> Ceph:
+    name = f"run-{uuid.uuid4().hex[:6]}"
+    ceph_cluster.create_pool(name)  # type: ignore[attr-defined]
+    return Ceph(ceph.conf, name)
+
+
+def config(tmp_path: Path, pool: Ceph, extra: str = "", jobs: int = 2) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'target = "{tmp_path / "target"}"\njobs = {jobs}\nparallel = 2\nclaim_ttl = 30\n'
+        f'[[clusters]]\nname = "test"\nconf = "{pool.conf}"\n'
+        f'[[clusters.pools]]\nname = "{pool.pool}"\n{extra}'
+    )
+    return path
+
+
+def make_images(pool: Ceph, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        pool.create(name, 4 * MiB)
+        with pool.image(name) as img:
+            img.write(bytes([i % 250 + 1]) * 65536, (i % 60) * 65536)
+
+
+def test_two_concurrent_runs_back_up_each_image_once(pool: Ceph, tmp_path: Path) -> None:
+    names = [f"vm-{i:02d}" for i in range(22)]
+    make_images(pool, names)
+    cfg = config(tmp_path, pool, jobs=2)
+    cmd = [sys.executable, "-m", "rbd2qcow2", "run", "--config", str(cfg), "--json"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    reports = [json.loads(out) for out, _ in outs]
+    done = [i["image"] for r in reports for i in r["images"] if i["status"] == "ok"]
+    assert sorted(done) == names  # every image exactly once, across both runs
+    for r in reports:
+        assert {i["image"] for i in r["images"]} == set(names)
+        assert all(i["status"] in ("ok", "skipped") for i in r["images"])
+    target = tmp_path / "target"
+    for name in names:
+        m = mf.load(chain_dir(target, ImageSpec(pool.pool, "", name)))
+        assert m is not None and len(m.points) == 1, name
+    proc = run_cli("verify", "--target", str(target), "--deep")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_one_failing_image_does_not_stop_the_others(pool: Ceph, tmp_path: Path) -> None:
+    make_images(pool, ["good-1", "bad", "good-2"])
+    with pool.image("bad") as img:
+        img.create_snap("users-own")  # with a limit of one snapshot, ours cannot be made
+    subprocess.run(
+        ["rbd", "-c", str(pool.conf), "snap", "limit", "set", "--limit", "1", f"{pool.pool}/bad"], check=True
+    )
+    metrics = tmp_path / "rbd2qcow2.prom"
+    proc = run_cli("run", "--config", str(config(tmp_path, pool)), "--json", "--metrics", str(metrics))
+    assert proc.returncode == 74, proc.stderr
+    report = json.loads(proc.stdout)
+    status = {i["image"]: i["status"] for i in report["images"]}
+    assert status == {"good-1": "ok", "bad": "failed", "good-2": "ok"}
+    assert not report["ok"] and report["totals"] == {"ok": 2, "failed": 1}
+    bad = next(i for i in report["images"] if i["image"] == "bad")
+    assert bad["error"] and "snapshot" in bad["error"]
+    text = metrics.read_text()
+    assert (
+        f'rbd2qcow2_image_status{{cluster="test",pool="{pool.pool}",namespace="",image="bad",status="failed"}} 1'
+        in text
+    )
+    assert 'rbd2qcow2_run_images{status="failed"} 1' in text and "rbd2qcow2_run_success 0" in text
+    assert oct(os.stat(metrics).st_mode & 0o777) == "0o644"
+    assert "FAILED" in proc.stderr and "bad" in proc.stderr
+
+
+def test_skip_meta_deleted_images_retention_and_second_run(pool: Ceph, tmp_path: Path) -> None:
+    make_images(pool, ["keep", "skip-me", "doomed"])
+    subprocess.run(
+        ["rbd", "-c", str(pool.conf), "image-meta", "set", f"{pool.pool}/skip-me", "rbd2qcow2.skip", "true"],
+        check=True,
+    )
+    cfg = config(
+        tmp_path, pool, extra='exclude = ["nothing"]\n[retention]\nkeep_last = 2\n[verify]\nsource_sample = 1.0\n'
+    )
+    first = json.loads(run_cli("run", "--config", str(cfg), "--json").stdout)
+    assert {i["image"]: i["status"] for i in first["images"]} == {"keep": "ok", "skip-me": "skipped", "doomed": "ok"}
+    pool.remove("doomed")
+    for _ in range(2):
+        proc = run_cli("run", "--config", str(cfg), "--json")
+        assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout)
+    status = {i["image"]: i["status"] for i in last["images"]}
+    assert status == {"keep": "ok", "skip-me": "skipped", "doomed": "deleted"}
+    target = tmp_path / "target"
+    m = mf.load(chain_dir(target, ImageSpec(pool.pool, "", "keep")))
+    assert m is not None and len(m.points) == 2  # three backups, keep_last = 2
+    doomed = mf.load(chain_dir(target, ImageSpec(pool.pool, "", "doomed")))
+    assert doomed is not None and len(doomed.points) == 1  # never pruned away
+    directory = chain_dir(target, ImageSpec(pool.pool, "", "keep"))
+    assert os.readlink(directory / "latest") == m.points[-1].file
+    log = (directory / "activity.log").read_text()
+    assert "backup" in log and "prune merged" in log and "verify" in log
+
+
+def test_bad_config_touches_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f'target = "{tmp_path / "t"}"\njobs = "many"\n[[clusters]]\n[[clusters.pools]]\nname = "rbd"\n')
+    proc = run_cli("run", "--config", str(path))
+    assert proc.returncode == 78
+    assert str(path) in proc.stderr and "jobs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t").exists()
+    good = tmp_path / "good.toml"
+    good.write_text(f'target = "{tmp_path / "t"}"\n[[clusters]]\n[[clusters.pools]]\nname = "rbd"\n')
+    proc = run_cli("run", "--config", str(good), "--check-config")
+    assert proc.returncode == 0 and not (tmp_path / "t").exists()
