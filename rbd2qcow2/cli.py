@@ -14,12 +14,16 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import Cancelled, Error, UsageError, combined_exit_code
 from .listing import format_table, list_points, row_dict
 from .names import parse_spec
 from .retention import parse_duration
+
+if TYPE_CHECKING:
+    from .ceph import CephOptions
 
 # Modules that import the Ceph bindings (backup, ceph) are imported by the
 # commands that need them, so file restores work on a machine without Ceph.
@@ -32,14 +36,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
+        return value
+
+    return parse
+
+
+_positive = _whole(1)
+_nonnegative = _whole(0)
 
 
 def _fraction(text: str) -> float:
@@ -50,6 +61,14 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text}")
     return value
+
+
+def _ceph_options(args: argparse.Namespace) -> CephOptions:
+    from .ceph import CephOptions
+
+    return CephOptions(
+        conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
+    )
 
 
 def _add_ceph(p: argparse.ArgumentParser) -> None:
@@ -186,12 +205,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.to.startswith("rbd:"):
         if args.format is not None:
             raise UsageError("--format applies to file destinations only")
-        from .ceph import CephOptions, Cluster
+        from .ceph import Cluster
 
         dest = restore.parse_rbd_dest(args.to)
-        opts = CephOptions(
-            conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
-        )
+        opts = _ceph_options(args)
         with Cluster(opts) as cluster:
             restore.restore_rbd(
                 loc, dest, cluster, force=args.force, parallel=args.parallel, progress=not args.no_progress
@@ -221,16 +238,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Cancelled as exc:
         logger.info("%s: export of %s stopped", exc, loc.ref)
     return 0
-
-
-def _nonnegative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return value
 
 
 def _duration(text: str) -> timedelta:
@@ -317,11 +324,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     ceph = None
     if args.source:
-        from .ceph import CephOptions
-
-        ceph = CephOptions(
-            conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
-        )
+        ceph = _ceph_options(args)
     opts = VerifyOptions(
         target=args.target,
         deep=args.deep,
@@ -355,14 +358,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .ceph import CephOptions
     from .engine import BackupOptions, backup
 
     opts = BackupOptions(
         target=args.target,
-        ceph=CephOptions(
-            conf=args.conf, client_id=args.client_id, keyring=args.keyring, connect_timeout=args.connect_timeout
-        ),
+        ceph=_ceph_options(args),
         parallel=args.parallel,
         full=args.full,
         whole_object=args.whole_object,

@@ -32,7 +32,7 @@ from .names import ImageSpec
 from .prune import PruneOptions, prune_chain
 from .retention import Policy
 from .target import chain_dir, iter_chains, open_target
-from .verify import Report, VerifyOptions, verify_chain
+from .verify import ChainVerifier, Report, VerifyOptions
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _verify(cfg: RunConfig, w: _Work, directory: Path, daemon: qemu.StorageDaemo
     m = mf.load(directory)
     if m is None:
         return
-    verify_chain(directory, m, daemon, opts, result, w.handle if opts.source else None, [point_id])
+    ChainVerifier(directory, m, daemon, opts, result, w.handle if opts.source else None).run([point_id])
     if not result.ok:
         raise DataError("; ".join(str(p) for p in result.problems))
     record(directory, f"verify {point_id} ok")

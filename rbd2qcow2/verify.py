@@ -130,19 +130,6 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
     return report
 
 
-def verify_chain(
-    directory: Path,
-    m: mf.Manifest,
-    daemon: qemu.StorageDaemon,
-    opts: VerifyOptions,
-    report: Report,
-    cluster: Cluster | None,
-    point_ids: list[str],
-) -> None:
-    """Verify one chain (structure, and the given points' content or source) into ``report``."""
-    ChainVerifier(directory, m, daemon, opts, report, cluster).run(point_ids)
-
-
 def _cluster(opts: VerifyOptions) -> Cluster:
     from .ceph import CephOptions, Cluster
 
@@ -395,4 +382,4 @@ def _mapped_chunks(conn: Connection, size: int) -> Iterator[Chunk]:
         yield from plan((Extent(off, ln, not zero) for off, ln, zero in runs), start=start, end=end)
 
 
-__all__ = ["Problem", "Report", "VerifyOptions", "verify", "verify_chain"]
+__all__ = ["ChainVerifier", "Problem", "Report", "VerifyOptions", "verify"]
