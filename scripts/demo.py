@@ -74,18 +74,24 @@ def main() -> int:
         print("\n".join(points))
         step("the chains")
         run(*rbd2qcow2, "list", "--target", str(target), env=env)
-        step("restoring the newest point of demo/web-01 with plain qemu-img, compared with rbd export")
+        step("verifying every point against the checksums recorded while writing")
+        run(*rbd2qcow2, "verify", "--target", str(target), "--deep", env=env)
+        step("restoring the newest point of demo/web-01, compared with rbd export of its snapshot")
         ref = next(p for p in points if p.startswith("demo/web-01@"))
         point = ref.split("@", 1)[1]
+        restored, expected, plain = work / "web-01.raw", work / "web-01.expected", work / "web-01.qemu-img.raw"
+        run(*rbd2qcow2, "restore", "--target", str(target), ref, "--to", str(restored), env=env)
         layer = target / "demo" / "web-01" / f"{point}.qcow2"
-        restored, expected = work / "web-01.raw", work / "web-01.expected"
-        run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(layer), str(restored), env=env)
+        run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(layer), str(plain), env=env)  # no rbd2qcow2 needed
         snap = f"demo/web-01@{_snapshot_of(target, point)}"
         run("rbd", "export", "--no-progress", snap, str(expected), env=env)
-        same = filecmp.cmp(restored, expected, shallow=False)
+        same = filecmp.cmp(restored, expected, shallow=False) and filecmp.cmp(plain, expected, shallow=False)
         print(f"\nrestored {ref}: {'identical to' if same else 'DIFFERENT FROM'} rbd export of {snap}")
-        os.unlink(restored)
-        os.unlink(expected)
+        run(*rbd2qcow2, "restore", "--target", str(target), ref, "--to", "rbd:demo/web-01-restored", env=env)
+        step("usage")
+        run(*rbd2qcow2, "du", "--target", str(target), env=env)
+        for path in (restored, expected, plain):
+            os.unlink(path)
         print(f"backups kept in {target}", file=sys.stderr)
         return 0 if same else 1
     finally:
