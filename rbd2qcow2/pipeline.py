@@ -142,6 +142,9 @@ class Transfer:
             while received < sent:
                 self._raise_if_failed()
                 received += self._drain(block=True)
+        except BaseException:
+            self._stop.set()  # a worker failed, or a signal: queued work is dropped
+            raise
         finally:
             self._shutdown(self._todo, pullers)
             self._shutdown(self._writes, writers)

@@ -1,0 +1,142 @@
+"""The transfer pipeline with plain fakes: content, zeros, records, errors, bounded memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records, zero_digest
+from rbd2qcow2.extents import Chunk, Kind
+from rbd2qcow2.pipeline import Transfer
+
+MiB = 1 << 20
+
+
+class FakeImage:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reads = 0
+        self.live = 0  # chunks read and not yet written
+        self.peak = 0
+        self.lock = threading.Lock()
+        self.fail_at: int | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.fail_at is not None and offset == self.fail_at:
+            raise OSError("injected read error")
+        with self.lock:
+            self.reads += 1
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+        time.sleep(0.001)
+        return self.data[offset : offset + length]
+
+
+class FakeDisk:
+    def __init__(self, size: int, image: FakeImage) -> None:
+        self.buf = bytearray(b"\xee" * size)  # "old data" that zeros must hide
+        self.image = image
+        self.zeroed = 0
+
+    def for_thread(self) -> FakeDisk:
+        return self
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        self.buf[offset : offset + len(data)] = data
+        self._written(offset, len(data))
+
+    def zero(self, length: int, offset: int) -> None:
+        self.buf[offset : offset + length] = bytes(length)
+        self.zeroed += length
+        self._written(offset, length)
+
+    def _written(self, offset: int, length: int) -> None:
+        if (offset + length) % (4 * MiB) == 0 or offset + length == len(self.buf):
+            with self.image.lock:
+                self.image.live -= 1
+
+
+class Records:
+    def __init__(self) -> None:
+        self.seen: dict[int, bytes] = {}
+
+    def add(self, seq: int, records: bytes) -> None:
+        for index, digest in unpack_records(records):
+            self.seen[index] = digest
+
+
+@contextlib.contextmanager
+def opened(image: FakeImage) -> Iterator[FakeImage]:
+    yield image
+
+
+def source(size: int) -> bytes:
+    data = bytearray(os.urandom(size))
+    data[MiB : 3 * MiB] = bytes(2 * MiB)  # all-zero blocks inside read chunks
+    return bytes(data)
+
+
+def chunks(size: int, step: int = 4 * MiB) -> list[Chunk]:
+    return [Chunk(off, min(step, size - off), Kind.READ) for off in range(0, size, step)]
+
+
+@pytest.mark.parametrize("hide_zeros", [True, False])
+def test_copies_content_and_records(hide_zeros: bool) -> None:
+    size = 32 * MiB + 12345
+    image = FakeImage(source(size))
+    disk = FakeDisk(size, image)
+    sums = Records()
+    plan = [*chunks(20 * MiB), Chunk(20 * MiB, 4 * MiB, Kind.ZERO), *chunks(size - 24 * MiB)]
+    plan = [Chunk(c.offset + (24 * MiB if i >= 6 else 0), c.length, c.kind) for i, c in enumerate(plan)]
+    stats = Transfer(
+        open_reader=lambda: opened(image), sink=disk, sums=sums, size=size, workers=3, hide_zeros=hide_zeros
+    ).run(plan)
+    expected = bytearray(image.data)
+    expected[20 * MiB : 24 * MiB] = bytes(4 * MiB)
+    if not hide_zeros:  # zeros are not written: the old data stays (a layer without backing reads zeros)
+        for lo, hi in ((MiB, 3 * MiB), (20 * MiB, 24 * MiB)):
+            expected[lo:hi] = b"\xee" * (hi - lo)
+    assert bytes(disk.buf) == bytes(expected)
+    assert stats.read_bytes == size - 4 * MiB
+    assert stats.data_bytes == size - 4 * MiB - 2 * MiB
+    assert (stats.zero_bytes, stats.skipped_bytes) == ((6 * MiB, 0) if hide_zeros else (0, 6 * MiB))
+    want, _ = block_records(0, bytes(image.data[: 20 * MiB]))
+    assert {i: sums.seen[i] for i in range(20 * MiB // BLOCK_SIZE)} == dict(unpack_records(want))
+    assert sums.seen[20 * MiB // BLOCK_SIZE] == zero_digest(BLOCK_SIZE)
+    assert len(sums.seen) == -(-size // BLOCK_SIZE)
+
+
+def test_worker_error_reaches_the_caller_without_hanging() -> None:
+    size = 64 * MiB
+    image = FakeImage(source(size))
+    image.fail_at = 40 * MiB
+    disk = FakeDisk(size, image)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="injected"):
+        Transfer(
+            open_reader=lambda: opened(image), sink=disk, sums=Records(), size=size, workers=4, hide_zeros=True
+        ).run(chunks(size))
+    assert time.monotonic() - started < 30
+    assert image.reads < len(chunks(size))  # the feed stopped
+
+
+def test_memory_stays_bounded() -> None:
+    """Chunks in memory at once: at most readers + the hand-off queue + writers, whatever the size."""
+    size = 256 * MiB
+    image = FakeImage(bytes(size))
+    workers = 4
+    transfer = Transfer(
+        open_reader=lambda: opened(image),
+        sink=FakeDisk(size, image),
+        sums=Records(),
+        size=size,
+        workers=workers,
+        hide_zeros=True,
+    )
+    transfer.run(chunks(size))
+    assert image.peak <= workers + 2 + (workers + 1) // 2 + 1
