@@ -211,6 +211,7 @@ class Bench:
     ioctx: rados.Ioctx
     parallel: int | None
     runs: int
+    qemu_cache: str | None = None  # qemu-img convert -t (the output's cache mode)
     logs: int = 0
 
     def log(self, name: str) -> Path:
@@ -253,7 +254,7 @@ def bench_context(args: argparse.Namespace, work: Path, out: Path) -> Iterator[B
     try:
         with rados.Rados(conffile=str(conf)) as client, client.open_ioctx(args.pool) as ioctx:
             osd_pid = cluster.pids.get("osd.0") if cluster else None
-            yield Bench(conf, args.pool, work, out, env, osd_pid, ioctx, args.parallel, args.runs)
+            yield Bench(conf, args.pool, work, out, env, osd_pid, ioctx, args.parallel, args.runs, args.qemu_img_cache)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -320,7 +321,8 @@ def ours(bench: Bench, target: Path, name: str, *, full: bool) -> list[str]:
 
 def qemu_convert(bench: Bench, name: str, snap: str, out: Path) -> list[str]:
     source = f"rbd:{bench.pool}/{name}@{snap}:conf={bench.conf}"
-    return ["qemu-img", "convert", "-W", "-m", "16", "-f", "raw", "-O", "qcow2", source, str(out)]
+    cache = ["-t", bench.qemu_cache] if bench.qemu_cache else []
+    return ["qemu-img", "convert", "-W", "-m", "16", *cache, "-f", "raw", "-O", "qcow2", source, str(out)]
 
 
 def export_diff(bench: Bench, name: str, from_snap: str, snap: str, out: Path) -> list[str]:
@@ -553,6 +555,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", help="where the timed commands write (default: the scratch directory)")
     p.add_argument("--parallel", type=int, help="passed to rbd2qcow2 backup --parallel")
     p.add_argument("--seed", type=int, default=1, help="random seed of the write pattern")
+    p.add_argument(
+        "--qemu-img-cache",
+        choices=("writeback", "none"),
+        help="qemu-img convert -t: 'none' writes the output with O_DIRECT, as rbd2qcow2 does (default: qemu-img's)",
+    )
     args = p.parse_args(argv)
     if args.runs < 1 or args.size_gib < 1:
         p.error("--runs and --size-gib must be at least 1")
