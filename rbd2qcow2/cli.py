@@ -86,7 +86,7 @@ def _add_ceph(p: argparse.ArgumentParser) -> None:
 
 
 def _add_logging(p: argparse.ArgumentParser, default: object) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=default, help="more log output (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=default, help="debug log output")
     p.add_argument("-q", "--quiet", action="store_true", default=default, help="errors only")
 
 
@@ -397,7 +397,7 @@ def _raise_cancelled(signum: int, _frame: FrameType | None) -> None:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + 1, 2)]
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
@@ -405,7 +405,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         datefmt="%H:%M:%S",
     )
     # qemu.qmp reports the daemon's normal QMP disconnect at INFO level.
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
 
 
 def _limit_malloc_arenas() -> None:

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from .activity import point_latest, record
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
-from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, QemuError, UsageError
+from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, QemuError, StorageError, UsageError
 from .extents import Chunk, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
@@ -62,6 +62,8 @@ class BackupOptions:
     progress: bool = False
     direct_io: bool = True
     check_unchanged: float = 0.002  # fraction of unchanged regions compared with the snapshot
+    # Called often during a transfer; raises (Cancelled) to stop it, e.g. from a scheduler's thread.
+    interrupt: Callable[[], None] = dataclasses.field(default=lambda: None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,10 @@ def _backup_one(
 ) -> BackupResult:
     try:
         point, reason = ImageBackup(cluster, daemon, tag, image, opts).run()
+    except OSError as exc:  # the target's file system: disk full, I/O error, permissions
+        err = StorageError(f"{exc.filename or 'target'}: {exc.strerror or exc}")
+        logger.error("%s: %s", image, err)
+        return BackupResult(image, error=err)
     except Error as exc:
         logger.error("%s: %s", image, exc)
         return BackupResult(image, error=exc)
@@ -288,7 +294,13 @@ class ImageBackup:
             try:
                 if pool.size < snap.size:
                     raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
-                with Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar:
+                with (
+                    Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
+                    # Closed here, in this thread: a generator left to the garbage
+                    # collector would close its image handle in whatever thread runs
+                    # it, possibly after the cluster connection is gone (a hang).
+                    contextlib.closing(self._chunks(base, snap, bar.skip, changed)) as chunks,
+                ):
                     stats = Transfer(
                         open_reader=lambda: self.cluster.image(self.image, snapshot=snap.name, read_only=True),
                         sink=pool,
@@ -298,7 +310,8 @@ class ImageBackup:
                         hide_zeros=base.point is not None,
                         progress=bar.update,
                         fault=_mid_transfer_fault,
-                    ).run(self._chunks(base, snap, bar.skip, changed))
+                        interrupt=self.opts.interrupt,
+                    ).run(chunks)
                 if base.point is not None:
                     self._check_unchanged(pool, snap, changed)
                 pool.flush()
@@ -316,7 +329,9 @@ class ImageBackup:
         )
         return stats
 
-    def _chunks(self, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]) -> Iterator[Chunk]:
+    def _chunks(
+        self, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]
+    ) -> Generator[Chunk, None, None]:
         """Planned requests, window by window; ``changed`` collects the ranges they cover."""
         from_snap = base.point.snapshot.name if base.point else None
         seen = 0

@@ -16,6 +16,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- CephError       a Ceph call failed (74)
                +-- QemuError       qemu-img or qemu-storage-daemon failed (74)
                +-- NbdError        an NBD request failed (74)
+               +-- StorageError    the target's file system failed (disk full...) (74)
                +-- TargetError     the target directory cannot be used (73)
                +-- Locked          another run holds the chain lock (75)
                +-- Claimed         another host holds the image's RADOS claim (75)
@@ -94,6 +95,12 @@ class QemuError(Error):
 
 class NbdError(Error):
     """NBD: {}"""
+
+    exit_code = os.EX_IOERR
+
+
+class StorageError(Error):
+    """target I/O error: {}"""
 
     exit_code = os.EX_IOERR
 

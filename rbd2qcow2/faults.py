@@ -23,7 +23,7 @@ CRASH_ENV = "RBD2QCOW2_CRASH_AT"
 STALL_ENV = "RBD2QCOW2_STALL_AT"
 STALL_FILE_ENV = "RBD2QCOW2_STALL_FILE"
 DROP_EXTENT_ENV = "RBD2QCOW2_DROP_EXTENT"
-STALL_SECONDS = 60.0
+STALL_SECONDS_ENV = "RBD2QCOW2_STALL_SECONDS"
 POINTS = (
     "after-snapshot",
     "mid-transfer",
@@ -38,7 +38,7 @@ def crashpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(STALL_ENV) == name:
         Path(os.environ[STALL_FILE_ENV]).touch()
-        time.sleep(STALL_SECONDS)
+        time.sleep(float(os.environ.get(STALL_SECONDS_ENV, "60")))
 
 
 def drop_extent(extents: list[T], seen: int) -> list[T]:

@@ -37,6 +37,7 @@ from .verify import ChainVerifier, Report, VerifyOptions
 logger = logging.getLogger(__name__)
 
 OK, FAILED, SKIPPED, DELETED = "ok", "failed", "skipped", "deleted"
+STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM
 
 
 @dataclass
@@ -160,6 +161,17 @@ def _deleted(cfg: RunConfig, cc: ClusterConfig, present: list[ImageSpec]) -> lis
     return reports
 
 
+class _Stop:
+    """A signal seen by the main thread, passed on to the job threads (which signals never reach)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Cancelled(self.signum)
+
+
 def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) -> list[ImageReport]:
     todo: queue.Queue[_Work | None] = queue.Queue()
     for w in work:
@@ -167,12 +179,13 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
     results: list[ImageReport] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
+    stop = _Stop()
 
     def job() -> None:
         try:
             with qemu.storage_daemon() as daemon:
                 while (item := _next(todo)) is not None:
-                    r = _one(cfg, tag, item, daemon, started)
+                    r = _one(cfg, tag, item, daemon, started, stop)
                     with lock:
                         results.append(r)
         except BaseException as exc:  # carried to the main thread
@@ -182,15 +195,26 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
     for t in threads:
         t.start()
     try:
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.2)
-    except BaseException:
+        _join(threads)
+    except Cancelled as exc:
+        # The images in progress stop at their next chunk and clean up (partial
+        # files, new snapshots, claims) before the process exits.
+        stop.signum = exc.signum
         _drain(todo)
+        _join(threads, deadline=time.monotonic() + STOP_GRACE)
         raise
     if errors:
         raise errors[0]
     return results
+
+
+def _join(threads: list[threading.Thread], deadline: float | None = None) -> None:
+    while any(t.is_alive() for t in threads):
+        if deadline is not None and time.monotonic() > deadline:
+            logger.error("jobs still running after %.0f s; exiting without their clean-up", STOP_GRACE)
+            return
+        for t in threads:
+            t.join(0.2)
 
 
 def _next(todo: queue.Queue[_Work | None]) -> _Work | None:
@@ -205,16 +229,20 @@ def _drain(todo: queue.Queue[_Work | None]) -> None:
         pass
 
 
-def _one(cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started: datetime) -> ImageReport:
+def _one(cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started: datetime, stop: _Stop) -> ImageReport:
     report = ImageReport(w.cluster.name, w.image)
     t0 = time.monotonic()
     try:
+        stop.check()
         with w.handle.claim(w.image, cfg.claim_ttl):
-            _backup_prune_verify(cfg, tag, w, daemon, started, report)
+            _backup_prune_verify(cfg, tag, w, daemon, started, report, stop)
     except Claimed as exc:
         report.status, report.reason = SKIPPED, str(exc)
     except Cancelled:
         raise
+    except OSError as exc:  # the target's file system: disk full, I/O error
+        report.status, report.error, report.exit_code = FAILED, f"target I/O error: {exc}", 74
+        logger.error("%s: %s", w.image, report.error)
     except Error as exc:
         report.status, report.error, report.exit_code = FAILED, str(exc), exc.exit_code
         logger.error("%s: %s", w.image, exc)
@@ -228,7 +256,13 @@ def _one(cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started
 
 
 def _backup_prune_verify(
-    cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started: datetime, report: ImageReport
+    cfg: RunConfig,
+    tag: str,
+    w: _Work,
+    daemon: qemu.StorageDaemon,
+    started: datetime,
+    report: ImageReport,
+    stop: _Stop,
 ) -> None:
     directory = chain_dir(cfg.target, w.image)
     done_elsewhere = _point_since(directory, started)
@@ -246,6 +280,7 @@ def _backup_prune_verify(
         whole_object=cfg.whole_object,
         check_unchanged=cfg.check_unchanged,
         wait=True,
+        interrupt=stop.check,
     )
     job = ImageBackup(w.handle, daemon, tag, w.image, opts)
     point, reason = job.run()
@@ -274,6 +309,7 @@ def _verify(cfg: RunConfig, w: _Work, directory: Path, daemon: qemu.StorageDaemo
         source=cfg.verify.source_sample > 0,
         sample=cfg.verify.source_sample,
         parallel=cfg.parallel,
+        structure=cfg.verify.structure,
     )
     result = Report()
     m = mf.load(directory)

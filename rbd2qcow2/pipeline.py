@@ -107,6 +107,7 @@ class Transfer:
         writers: int | None = None,
         progress: Callable[[int], None] = lambda n: None,
         fault: Callable[[int], None] = lambda seq: None,
+        interrupt: Callable[[], None] = lambda: None,
     ) -> None:
         self._open_reader = open_reader
         self._sink = sink
@@ -117,6 +118,7 @@ class Transfer:
         self._hide_zeros = hide_zeros
         self._progress = progress
         self._fault = fault
+        self._interrupt = interrupt  # raises (Cancelled) when the caller wants the transfer stopped
         self._todo: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(maxsize=2 * self._workers + 1)
         self._writes: queue.Queue[_Job | None] = queue.Queue(maxsize=2)
         self._done: queue.Queue[_Done] = queue.Queue()
@@ -176,6 +178,7 @@ class Transfer:
     def _raise_if_failed(self) -> None:
         if self._errors:
             raise self._errors[0]
+        self._interrupt()
 
     def _fail(self, exc: BaseException) -> None:
         self._errors.append(exc)

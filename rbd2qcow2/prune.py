@@ -177,6 +177,11 @@ def recover(directory: Path, m: mf.Manifest) -> mf.Manifest:
     if pm is None:
         return m
     logger.warning("%s: finishing the interrupted merge of %s into %s", m.image, ", ".join(pm.drop), pm.child)
+    return _finish(directory, m, pm)
+
+
+def _finish(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> mf.Manifest:
+    """Rename the merged files into place, commit, delete the dropped files (each step idempotent)."""
     child = m.point(pm.child)
     layer, sums = merge.merge_files(directory, child)
     for tmp, final in ((layer, directory / child.file), (sums, directory / names.sums_file(child.id))):
@@ -231,7 +236,7 @@ def _merge(
     journaled = dataclasses.replace(m, pending=pending)
     mf.save(directory, journaled)
     crashpoint("prune-after-journal")
-    done = recover(directory, journaled)
+    done = _finish(directory, journaled, pending)
     logger.info("%s: merged %s into %s", m.image, ", ".join(action.drop), action.child)
     return done
 

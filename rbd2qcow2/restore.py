@@ -57,6 +57,14 @@ def locate(target: Path, ref_text: str) -> Located:
     if m is None:
         raise NotFound(f"no backups of {ref.image} in {target}")
     point = select(m, ref)
+    flagged = [p.id for p in m.chain_of(point.id) if "damaged" in p.flags]
+    if flagged:
+        logger.warning(
+            "%s@%s: points of its chain failed verification (%s); the data may not be what was backed up",
+            ref.image,
+            point.id,
+            ", ".join(flagged),
+        )
     return Located(f"{ref.image}@{point.id}", point, checked_chain(directory, m, point.id))
 
 
@@ -173,13 +181,14 @@ def _transfer_to_rbd(
                     hide_zeros=overwrite,
                     progress=bar.update,
                     fault=_mid_restore_fault,
-                ).run(_allocated_chunks(mapper, size, bar.skip))
+                ).run(allocated_chunks(mapper, size, bar.skip))
         finally:
             sink.close()
         daemon.remove_export(export)
 
 
-def _allocated_chunks(conn: Connection, size: int, skip: Callable[[int], None]) -> Iterator[Chunk]:
+def allocated_chunks(conn: Connection, size: int, skip: Callable[[int], None] = lambda n: None) -> Iterator[Chunk]:
+    """Requests covering an export by its allocation map: data to read, zeros not to (``skip`` counts them)."""
     for start, end in windows(size, MAP_WINDOW):
         runs = conn.allocation(start, end - start)
         chunks = plan((Extent(off, ln, not zero) for off, ln, zero in runs), start=start, end=end)

@@ -32,13 +32,14 @@ from .activity import LATEST
 from .chain import orphan_files
 from .checksums import BLOCK_SIZE, file_sha256, read_records, unpack_records, zero_digest
 from .errors import Error, Locked
-from .extents import Chunk, Extent, Kind, plan, sample_ranges, windows
+from .extents import Chunk, Kind, sample_ranges
 from .fsutil import chain_lock
 from .nbdio import Connection
 from .pipeline import Transfer
 from .progress import Progress
 from .qcow2 import check_header, read_header
 from .refs import parse_ref, select
+from .restore import allocated_chunks
 from .target import iter_chains, open_target
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class VerifyOptions:
     deep: bool = False
     source: bool = False
     sample: float = 1.0  # fraction of the image compared with the RBD snapshot by --source
+    structure: bool = True
     parallel: int = 4
     progress: bool = False
     ceph: CephOptions | None = None
@@ -163,7 +165,7 @@ class ChainVerifier:
         self.report.problems.append(p)
 
     def run(self, point_ids: list[str]) -> None:
-        broken = self.structure()
+        broken = self.structure() if self.opts.structure else set()
         damaged: set[str] = set()
         for pid in point_ids:
             self.report.points_checked += 1
@@ -187,7 +189,13 @@ class ChainVerifier:
         if self.m.pending is not None:
             self.problem("an interrupted prune is pending (the next prune or backup finishes it)")
         self._modes()
-        for name in orphan_files(self.dir, self.m):
+        try:
+            with chain_lock(self.dir, wait=False, what=self.image):
+                orphans = orphan_files(self.dir, self.m)
+        except Locked:
+            logger.info("%s: a backup or prune is running; its files are not checked as orphans", self.image)
+            orphans = []
+        for name in orphans:
             self.problem("file not named by the manifest", file=name)
         for p in self.m.points:
             if not self._layer_ok(p) or not self._sums_ok(p):
@@ -251,7 +259,7 @@ class ChainVerifier:
         export = self.daemon.export_chain(files, writable=False)
         try:
             with Connection(export.socket, export.name) as mapper:
-                chunks = list(_mapped_chunks(mapper, point.size))
+                chunks = list(allocated_chunks(mapper, point.size))
             self._compare(point, chunks, lambda: Connection(export.socket, export.name), digests, owner, "content")
         finally:
             self.daemon.remove_export(export)
@@ -374,12 +382,6 @@ def _block_runs(blocks: list[int]) -> Iterator[tuple[int, int]]:
         run.append(b)
     if run:
         yield run[0], run[-1] + 1
-
-
-def _mapped_chunks(conn: Connection, size: int) -> Iterator[Chunk]:
-    for start, end in windows(size, 1 << 30):
-        runs = conn.allocation(start, end - start)
-        yield from plan((Extent(off, ln, not zero) for off, ln, zero in runs), start=start, end=end)
 
 
 __all__ = ["ChainVerifier", "Problem", "Report", "VerifyOptions", "verify"]

@@ -132,3 +132,47 @@ def test_bad_config_touches_nothing(tmp_path: Path) -> None:
     good.write_text(f'target = "{tmp_path / "t"}"\n[[clusters]]\n[[clusters.pools]]\nname = "rbd"\n')
     proc = run_cli("run", "--config", str(good), "--check-config")
     assert proc.returncode == 0 and not (tmp_path / "t").exists()
+
+
+def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    names = ["big-1", "big-2"]
+    for name in names:
+        pool.create(name, 32 * MiB)
+        with pool.image(name) as img:
+            img.write(os.urandom(24 * MiB), 0)
+    cfg = config(tmp_path, pool, jobs=2)
+    stall = tmp_path / "stalled"
+    env = dict(
+        os.environ,
+        RBD2QCOW2_STALL_AT="mid-transfer",
+        RBD2QCOW2_STALL_FILE=str(stall),
+        RBD2QCOW2_STALL_SECONDS="3",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rbd2qcow2", "run", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not stall.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    target = tmp_path / "target"
+    for name in names:
+        directory = chain_dir(target, ImageSpec(pool.pool, "", name))
+        leftovers = [p.name for p in directory.iterdir() if p.name.endswith(".partial")] if directory.exists() else []
+        assert leftovers == [], leftovers
+        assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == []
+    # Claims were released: the next run backs up both images at once.
+    proc2 = run_cli("run", "--config", str(cfg), "--json")
+    assert proc2.returncode == 0, proc2.stderr
+    assert {i["image"]: i["status"] for i in json.loads(proc2.stdout)["images"]} == {n: "ok" for n in names}
