@@ -98,6 +98,7 @@ def test_args_are_kept() -> None:
         (TargetError, 73),
         (Locked, 75),
         (errors.Claimed, 75),
+        (errors.StorageError, 74),
         (ConfigError, 78),
     ],
 )
@@ -120,7 +121,7 @@ def test_exit_codes_are_sysexits() -> None:
 
 def test_every_error_class_has_a_severity() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Error)]
-    assert len(classes) == 14
+    assert len(classes) == 15
     for cls in classes:
         assert cls.exit_code in SEVERITY, cls
         assert cls.__doc__ and "{}" in cls.__doc__, cls
