@@ -200,6 +200,7 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
         # The images in progress stop at their next chunk and clean up (partial
         # files, new snapshots, claims) before the process exits.
         stop.signum = exc.signum
+        logger.warning("%s: stopping the images in progress", exc)
         _drain(todo)
         _join(threads, deadline=time.monotonic() + STOP_GRACE)
         raise
@@ -209,12 +210,13 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
 
 
 def _join(threads: list[threading.Thread], deadline: float | None = None) -> None:
+    """Wait for the threads by polling: a signal that interrupts ``Thread.join`` can leave a
+    running thread marked as stopped (CPython gh-90882), and the run would exit under it."""
     while any(t.is_alive() for t in threads):
         if deadline is not None and time.monotonic() > deadline:
             logger.error("jobs still running after %.0f s; exiting without their clean-up", STOP_GRACE)
             return
-        for t in threads:
-            t.join(0.2)
+        time.sleep(0.1)
 
 
 def _next(todo: queue.Queue[_Work | None]) -> _Work | None:

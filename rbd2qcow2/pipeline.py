@@ -19,6 +19,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -195,8 +196,12 @@ class Transfer:
                     if self._stop.is_set():
                         with contextlib.suppress(queue.Empty):
                             q.get_nowait()
+        # Polled, not joined: a signal that interrupts Thread.join can mark a running
+        # thread as stopped (CPython gh-90882).
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
         for t in threads:
-            t.join(JOIN_TIMEOUT)
             if t.is_alive():
                 logger.error("thread %s did not stop", t.name)
 

@@ -170,8 +170,8 @@ def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_pat
     for name in names:
         directory = chain_dir(target, ImageSpec(pool.pool, "", name))
         leftovers = [p.name for p in directory.iterdir() if p.name.endswith(".partial")] if directory.exists() else []
-        assert leftovers == [], leftovers
-        assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == []
+        assert leftovers == [], f"{leftovers}\n{err}"
+        assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == [], err
     # Claims were released: the next run backs up both images at once.
     proc2 = run_cli("run", "--config", str(cfg), "--json")
     assert proc2.returncode == 0, proc2.stderr
