@@ -135,9 +135,10 @@ class Transfer:
         try:
             for seq, chunk in enumerate(chunks):
                 self._fault(seq)
-                if len(pullers) < self._workers:
+                # Another reader (each opens its own image, ~50 ms) only while work waits.
+                if len(pullers) < self._workers and (not pullers or self._todo.qsize() > 0):
                     pullers.append(_thread(self._puller, f"pull-{len(pullers)}"))
-                if len(writers) < self._writers:
+                if len(writers) < self._writers and (not writers or self._writes.qsize() > 0):
                     writers.append(_thread(self._writer, f"write-{len(writers)}"))
                 self._put((seq, chunk))
                 sent += 1
