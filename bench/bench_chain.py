@@ -1,0 +1,837 @@
+"""Benchmark restore, merge and deep verify of a 10-point chain against the native tools.
+
+One image, backed up into a chain of ten points (one full backup, then nine
+rounds of scattered writes and an incremental backup each).  Then, side by
+side with the native tool (alternating order, one warm-up, median of
+``--runs``):
+
+1. ``rbd2qcow2 restore --to rbd:`` of the newest point against
+   ``qemu-img convert`` into RBD and against ``rbd import`` of a raw file;
+2. ``rbd2qcow2 restore --to FILE`` against ``qemu-img convert -O raw``;
+3. ``rbd2qcow2 delete`` of the second newest point (a merge of one layer)
+   against ``qemu-img convert -O qcow2`` of that point;
+4. ``rbd2qcow2 verify --deep`` of the newest point against
+   ``qemu-img convert`` of it into qemu's ``null-co`` driver.
+
+Every command is measured as a whole process (wall time, CPU time and peak
+RSS); every result is checked once (not timed) against ``rbd export`` of the
+newest point's snapshot.  See ``bench/README.md``.
+
+    flock /tmp/r2q-bench.lock .venv/bin/python bench/bench_chain.py [--size-gib 2] [--runs 3] [--keep]
+
+The script also takes that lock itself (``--lock``) for its whole run, so
+that only one benchmark measures at a time however it is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import rados
+import rbd
+
+from rbd2qcow2 import manifest as mf
+from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.target import chain_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from cephcluster import CephCluster
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+OBJECT = 4 * MiB
+FEATURES = "layering,exclusive-lock,object-map,fast-diff"
+FILL_FRACTION = 0.75
+SCATTER_WRITES = 1600
+SCATTER_SIZE = 64 * KiB
+INCREMENTALS = 9  # after the full backup: a chain of 10 points
+WRITER_THREADS = 4
+SAMPLE_INTERVAL = 0.1
+OSD_SIZE_GIB = 30
+SETTLE_MAX_S = 20.0  # how long to wait for the OSD to go idle before a measured command
+SETTLE_BUSY_CPU = 0.05  # OSD CPU seconds per 0.5 s above which it counts as busy
+LOCK_PATH = "/tmp/r2q-bench.lock"  # shared by the benchmarks of this repository: one measures at a time
+GNU_TIME = shutil.which("time")  # /usr/bin/time, Debian package "time"
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // KiB
+TICKS = os.sysconf("SC_CLK_TCK")
+QEMU_FAST = ["-W", "-m", "16"]  # out-of-order writes, 16 coroutines, as the issue's reference commands
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------- measuring
+# Measurement, TreeSampler, measure() and their helpers are copied from bench_backup.py.
+
+
+@dataclass
+class Measurement:
+    """One process run: wall seconds, CPU seconds, peak RSS (KiB), where the CPU went."""
+
+    wall: float
+    cpu: float
+    maxrss_kib: int  # ru_maxrss (through GNU time): the largest single process of the tree
+    tree_rss_kib: int  # sampled peak of the summed RSS of the child and its descendants
+    threads: dict[str, float] = field(default_factory=dict)  # "process/thread" -> CPU seconds (sampled)
+    osd_cpu: float | None = None  # CPU seconds of the throwaway cluster's OSD meanwhile
+    machine: dict[str, float] = field(default_factory=dict)  # whole machine meanwhile: busy, idle, iowait, steal
+
+
+class TreeSampler(threading.Thread):
+    """Samples RSS and per-thread CPU of a process and its descendants every 0.1 s."""
+
+    def __init__(self, root: int, *, skip_root: bool) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.root = root
+        self.skip_root = skip_root
+        self.peak_rss_kib = 0
+        self._cpu: dict[tuple[int, int], tuple[str, float]] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(SAMPLE_INTERVAL)
+
+    def stop(self) -> dict[str, float]:
+        self._stop_event.set()
+        self.join()
+        out: dict[str, float] = {}
+        for name, cpu in self._cpu.values():
+            out[name] = out.get(name, 0.0) + cpu
+        return out
+
+    def sample(self) -> None:
+        rss = 0
+        for pid in _descendants(self.root)[1 if self.skip_root else 0 :]:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
+                self._sample_threads(pid)
+        self.peak_rss_kib = max(self.peak_rss_kib, rss)
+
+    def _sample_threads(self, pid: int) -> None:
+        proc = _stat(Path(f"/proc/{pid}/stat"))[0]
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                tid = int(task.name)
+                comm, fields = _stat(task / "stat")
+                name = f"{proc}/{'main' if tid == pid else comm}"
+                self._cpu[(pid, tid)] = (name, (int(fields[11]) + int(fields[12])) / TICKS)
+
+
+def _stat(path: Path) -> tuple[str, list[str]]:
+    """``comm`` and the fields after it (``fields[0]`` is the state) of a /proc stat file."""
+    text = path.read_text()
+    return text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(int(_stat(Path(entry.path, "stat"))[1][1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _cpu_of(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        fields = _stat(Path(f"/proc/{pid}/stat"))[1]
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _machine() -> dict[str, float]:
+    """Seconds of all CPUs since boot from /proc/stat: busy, idle, iowait and steal (by the hypervisor)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(v) / TICKS for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return {"busy": user + nice + system + irq + softirq, "idle": idle, "iowait": iowait, "steal": steal}
+
+
+def measure(cmd: Sequence[str], env: dict[str, str], log_path: Path, osd_pid: int | None) -> Measurement:
+    """Run ``cmd`` to completion; wall time around the whole process, rusage by wait4.
+
+    The peak RSS comes from GNU time, which runs ``cmd`` as its child: on
+    Linux a child's ru_maxrss also counts the RSS of the process that forked
+    it (the kernel records the pre-exec mm's high-water mark at exec), so a
+    command spawned straight from this process (librados, ~100 MiB) would
+    never report less than this process's own RSS.
+    """
+    osd_before, machine_before = _cpu_of(osd_pid), _machine()
+    rss_file = log_path.with_suffix(".rss")
+    launcher = [GNU_TIME, "-f", "%M", "-o", str(rss_file)] if GNU_TIME else []
+    with open(log_path, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [*launcher, *cmd], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+        sampler = TreeSampler(proc.pid, skip_root=bool(launcher))
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    threads = sampler.stop()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    osd_after, machine_after = _cpu_of(osd_pid), _machine()
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return Measurement(
+        wall=wall,
+        cpu=usage.ru_utime + usage.ru_stime,
+        maxrss_kib=int(rss_file.read_text().split()[-1]) if launcher else usage.ru_maxrss,
+        tree_rss_kib=sampler.peak_rss_kib,
+        threads=threads,
+        osd_cpu=None if osd_before is None or osd_after is None else osd_after - osd_before,
+        machine={key: machine_after[key] - machine_before[key] for key in machine_after},
+    )
+
+
+# ------------------------------------------------------------------ one benchmark at a time
+
+
+@contextlib.contextmanager
+def bench_lock(path: Path) -> Iterator[None]:
+    """Hold the benchmarks' lock (flock) on ``path`` while the block runs.
+
+    Under ``flock PATH python bench_chain.py`` the lock is already held by
+    flock(1), our ancestor: locking the same path through a new open file
+    would wait for ever.  flock(1) passes its descriptor on (unless ``-o``),
+    and flock() on that same open file returns at once; without it, a lock
+    held by an ancestor process (``/proc/locks``) counts as ours.
+    """
+    inherited = _inherited_fd(path)
+    if inherited is not None:
+        fcntl.flock(inherited, fcntl.LOCK_EX)  # same open file description as flock(1)'s: never waits
+        log(f"lock {path}: held by the flock(1) this runs under")
+        yield  # never unlock it: that would release flock(1)'s lock
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = _lock_holders(fd)
+            if holders & set(_ancestors()):
+                log(f"lock {path}: held by an ancestor process ({sorted(holders)}), taken as ours")
+                yield
+                return
+            log(f"lock {path}: held by pid {', '.join(map(str, sorted(holders))) or '?'}; waiting")
+            start = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log(f"lock {path}: got it after {time.monotonic() - start:.0f} s")
+        else:
+            log(f"lock {path}: taken")
+        yield
+    finally:
+        os.close(fd)  # releases the lock if this open file holds it
+
+
+def _inherited_fd(path: Path) -> int | None:
+    want = path.stat() if path.exists() else None
+    if want is None:
+        return None
+    for entry in os.scandir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(int(entry.name))
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                return int(entry.name)
+    return None
+
+
+def _lock_holders(fd: int) -> set[int]:
+    """PIDs that /proc/locks shows holding a FLOCK on the file open as ``fd``."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and "->" not in fields:
+            holders.add(int(fields[4]))
+    return holders
+
+
+def _ancestors() -> list[int]:
+    pids, pid = [], os.getppid()
+    while pid > 1:
+        pids.append(pid)
+        try:
+            pid = int(_stat(Path(f"/proc/{pid}/stat"))[1][1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+# ------------------------------------------------------------------- the cluster
+
+
+@dataclass
+class Bench:
+    """Where the benchmark runs: cluster, pool, scratch directory, options."""
+
+    conf: Path
+    pool: str
+    work: Path  # scratch: the throwaway cluster, logs, the oracle and the correctness checks' files
+    out: Path  # what the timed commands write
+    env: dict[str, str]
+    osd_pid: int | None
+    ioctx: rados.Ioctx
+    runs: int
+    logs: int = 0
+    images: list[str] = field(default_factory=list)  # made by this run, removed at the end on --conf
+
+    def log(self, name: str) -> Path:
+        self.logs += 1
+        (self.work / "logs").mkdir(exist_ok=True)
+        return self.work / "logs" / f"{self.logs:03d}-{name}.log"
+
+    def run(self, *cmd: str) -> str:
+        proc = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def rbd2qcow2(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "rbd2qcow2", *args]
+
+    def image_exists(self, name: str) -> bool:
+        return name in rbd.RBD().list(self.ioctx)
+
+
+@contextlib.contextmanager
+def bench_context(args: argparse.Namespace, work: Path, out: Path) -> Iterator[Bench]:
+    """A connected :class:`Bench` on the given cluster or on a throwaway one (stopped after)."""
+    cluster: CephCluster | None = None
+    if args.conf is None:
+        cluster = CephCluster(work / "c", osd_size_gib=OSD_SIZE_GIB)
+        log(f"starting a throwaway cluster in {work / 'c'}")
+        cluster.start()
+        cluster.create_pool(args.pool)
+        conf, env = cluster.conf, cluster.env()
+    else:
+        conf, env = Path(args.conf).absolute(), {**os.environ, "CEPH_CONF": str(Path(args.conf).absolute())}
+    try:
+        with rados.Rados(conffile=str(conf)) as client, client.open_ioctx(args.pool) as ioctx:
+            osd_pid = cluster.pids.get("osd.0") if cluster else None
+            yield Bench(conf, args.pool, work, out, env, osd_pid, ioctx, args.runs)
+    finally:
+        if cluster is not None:
+            log("stopping the throwaway cluster")
+            cluster.stop()
+
+
+# ------------------------------------------------------------------ the workload
+
+
+def create_image(bench: Bench, name: str, size: int, fraction: float, seed: int) -> None:
+    """An image with the fast-diff feature set, ``fraction`` of its 4 MiB objects full of random data."""
+    bench.run("rbd", "-c", str(bench.conf), "create", "--size", f"{size // MiB}M", "--image-feature", FEATURES,
+              f"{bench.pool}/{name}")  # fmt: skip
+    bench.images.append(name)
+    objects = size // OBJECT
+    chosen = random.Random(seed).sample(range(objects), round(objects * fraction))
+    start = time.perf_counter()
+    write_random(bench, name, [(i * OBJECT, OBJECT) for i in chosen])
+    log(f"{name}: wrote {len(chosen)} of {objects} objects in {time.perf_counter() - start:.1f} s")
+
+
+def scatter(bench: Bench, name: str, size: int, count: int, seed: int) -> None:
+    """``count`` random 64 KiB writes at 64 KiB-aligned offsets anywhere in the image."""
+    rng = random.Random(seed)
+    offsets = [rng.randrange(size // SCATTER_SIZE) * SCATTER_SIZE for _ in range(count)]
+    write_random(bench, name, [(offset, SCATTER_SIZE) for offset in offsets])
+
+
+def write_random(bench: Bench, name: str, extents: list[tuple[int, int]]) -> None:
+    """Random data into ``extents``, from a few threads sharing one image handle (one lock owner)."""
+    with rbd.Image(bench.ioctx, name) as img, ThreadPoolExecutor(WRITER_THREADS) as pool:
+
+        def write(extent: tuple[int, int]) -> None:
+            img.write(os.urandom(extent[1]), extent[0])
+
+        for _ in pool.map(write, extents):
+            pass
+
+
+def remove_image(bench: Bench, name: str) -> None:
+    """Remove an image and its snapshots (not timed)."""
+    with rbd.Image(bench.ioctx, name) as img:
+        for snap in list(img.list_snaps()):
+            img.remove_snap(str(snap["name"]))
+    rbd.RBD().remove(bench.ioctx, name)
+
+
+@dataclass
+class Chain:
+    """The backed-up image: its target, chain directory, points and the oracle."""
+
+    pool: str
+    image: str
+    target: Path
+    directory: Path
+    points: list[mf.Point]  # oldest first
+    oracle: Path  # `rbd export` of the newest point's snapshot
+    raw: Path  # the newest point as a raw file (qemu-img convert), the input of `rbd import`
+
+    @property
+    def newest(self) -> mf.Point:
+        return self.points[-1]
+
+    def file(self, point: mf.Point) -> Path:
+        return self.directory / point.file
+
+    def ref(self, point: str) -> str:
+        return f"{self.pool}/{self.image}@{point}"
+
+
+def build_chain(bench: Bench, args: argparse.Namespace) -> Chain:
+    """One image, a full backup and nine rounds of scattered writes + incremental backup (not timed)."""
+    size, name = args.size_gib * GiB, f"chain-{args.size_gib}g-{uuid.uuid4().hex[:6]}"
+    target = bench.work / "target"
+    create_image(bench, name, size, FILL_FRACTION, args.seed)
+    backup = bench.rbd2qcow2("backup", "--no-progress", "--target", str(target), "--conf", str(bench.conf))
+    directory = chain_dir(target, ImageSpec(bench.pool, "", name))
+    for cycle in range(INCREMENTALS + 1):
+        if cycle > 0:
+            scatter(bench, name, size, SCATTER_WRITES, args.seed + cycle)
+        start = time.perf_counter()
+        bench.run(*backup, f"{bench.pool}/{name}")
+        m = mf.load(directory)
+        assert m is not None and m.latest is not None
+        point, prev = m.latest, m.points[-2] if len(m.points) > 1 else None
+        expected = ("full", None) if cycle == 0 else ("incremental", prev.id if prev else None)
+        if len(m.points) != cycle + 1 or (point.kind, point.parent) != expected:
+            raise SystemExit(f"point {cycle + 1}: expected {expected}, got {point.kind} on {point.parent}")
+        log(f"point {cycle + 1}: {point.kind} {point.id}, {point.data_bytes / MiB:.0f} MiB data, "
+            f"{point.stored_bytes / MiB:.0f} MiB on disk, backup took {time.perf_counter() - start:.1f} s")  # fmt: skip
+    m = mf.load(directory)
+    assert m is not None and m.latest is not None
+    points = m.chain_of(m.latest.id)
+    oracle, raw = bench.work / "oracle.raw", bench.work / "newest.raw"
+    bench.run("rbd", "-c", str(bench.conf), "export", "--no-progress",
+              f"{bench.pool}/{name}@{m.latest.snapshot.name}", str(oracle))  # fmt: skip
+    chain = Chain(bench.pool, name, target, directory, points, oracle, raw)
+    bench.run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(chain.file(chain.newest)), str(raw))
+    check_equal(raw, oracle, "the newest point (qemu-img convert)")
+    os.sync()
+    return chain
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def check_equal(path: Path, oracle: Path, what: str) -> None:
+    """``path`` equals the oracle byte for byte (not timed), or the bench stops."""
+    differs = first_difference(path, oracle)
+    if differs is not None:
+        raise SystemExit(f"WRONG RESULT: {what} differs from rbd export of the newest snapshot at byte {differs}")
+    log(f"checked: {what} equals rbd export of the newest point's snapshot")
+
+
+def check_rbd_image(bench: Bench, name: str, oracle: Path, what: str) -> None:
+    exported = bench.work / "check.raw"
+    try:
+        bench.run("rbd", "-c", str(bench.conf), "export", "--no-progress", f"{bench.pool}/{name}", str(exported))
+        check_equal(exported, oracle, what)
+    finally:
+        exported.unlink(missing_ok=True)
+
+
+def check_point(chain_directory: Path, point: mf.Point, oracle: Path, what: str, work: Path) -> None:
+    converted = work / "check.raw"
+    try:
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(chain_directory / point.file),
+                        str(converted)], check=True)  # fmt: skip
+        check_equal(converted, oracle, what)
+    finally:
+        converted.unlink(missing_ok=True)
+
+
+def first_difference(a: Path, b: Path) -> int | None:
+    """Offset of the first differing byte (or of the shorter file's end), None if equal."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        offset = 0
+        while True:
+            x, y = fa.read(4 * MiB), fb.read(4 * MiB)
+            if x != y:
+                diffs = (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q)
+                return offset + next(diffs, min(len(x), len(y)))
+            if not x:
+                return None
+            offset += len(x)
+
+
+# ------------------------------------------------------------------ running side by side
+
+
+def nothing() -> None:
+    pass
+
+
+@dataclass
+class Tool:
+    """One side of a comparison: a command and its untimed preparation, check and clean-up."""
+
+    name: str
+    cmd: list[str]
+    before: Callable[[], None] = nothing  # e.g. a fresh copy of the chain
+    check: Callable[[], None] | None = None  # once, after the warm-up run
+    after: Callable[[], None] = nothing  # e.g. remove the new image
+
+
+def settle(bench: Bench) -> None:
+    """Before a measured command: sync, then wait (up to 20 s) until the OSD is idle (not timed).
+
+    Removing a restored image leaves the OSD deleting objects for a while;
+    that work must not land in the next command's time.
+    """
+    os.sync()
+    if bench.osd_pid is None:
+        return
+    deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < deadline:
+        before = _cpu_of(bench.osd_pid)
+        time.sleep(0.5)
+        after = _cpu_of(bench.osd_pid)
+        if before is None or after is None or after - before < SETTLE_BUSY_CPU:
+            return
+    log(f"  the OSD was still busy after {SETTLE_MAX_S:.0f} s; measuring anyway")
+
+
+def series(bench: Bench, title: str, tools: list[Tool]) -> dict[str, list[Measurement]]:
+    """Every tool once per run, in rotating order (ours first in run 0); run 0 is a warm-up, not kept."""
+    results: dict[str, list[Measurement]] = {tool.name: [] for tool in tools}
+    for run in range(bench.runs + 1):
+        log(f"{title}, {'warm-up' if run == 0 else f'run {run}'}")
+        shift = run % len(tools)
+        for tool in tools[shift:] + tools[:shift]:
+            tool.before()
+            settle(bench)
+            m = measure(tool.cmd, bench.env, bench.log(tool.name.split()[0]), bench.osd_pid)
+            log(f"  {tool.name}: {m.wall:.2f} s, {m.cpu:.2f} s CPU, {m.maxrss_kib / KiB:.0f} MiB")
+            if run == 0 and tool.check is not None:
+                tool.check()
+            tool.after()
+            if run > 0:
+                results[tool.name].append(m)
+        os.sync()
+    return results
+
+
+# ------------------------------------------------------------------ the four comparisons
+
+
+def bench_restore_rbd(bench: Bench, chain: Chain) -> dict[str, list[Measurement]]:
+    """Restore of the newest point into a new RBD image: ours, qemu-img convert, rbd import."""
+    names = {"ours": f"{chain.image}-r2q", "qemu": f"{chain.image}-qemu", "import": f"{chain.image}-import"}
+    for name in names.values():
+        bench.images.append(name)
+
+    def tool(key: str, label: str, cmd: list[str]) -> Tool:
+        name = names[key]
+        return Tool(
+            label,
+            cmd,
+            check=lambda: check_rbd_image(bench, name, chain.oracle, f"image restored by {label}"),
+            after=lambda: remove_image(bench, name),
+        )
+
+    conf, newest = str(bench.conf), str(chain.file(chain.newest))
+    ours = bench.rbd2qcow2("restore", "--no-progress", "--target", str(chain.target), "--conf", conf)
+    ours += [chain.ref("latest"), "--to", f"rbd:{bench.pool}/{names['ours']}"]
+    qemu = ["qemu-img", "convert", *QEMU_FAST, "-f", "qcow2", "-O", "raw", newest]
+    qemu += [f"rbd:{bench.pool}/{names['qemu']}:conf={conf}"]
+    rbd_import = ["rbd", "-c", conf, "import", "--no-progress", str(chain.raw), f"{bench.pool}/{names['import']}"]
+    tools = [tool("ours", "rbd2qcow2 restore", ours), tool("qemu", "qemu-img convert", qemu)]
+    return series(bench, "restore into a new RBD image", [*tools, tool("import", "rbd import", rbd_import)])
+
+
+def bench_restore_file(bench: Bench, chain: Chain) -> dict[str, list[Measurement]]:
+    """Restore of the newest point into a raw file: ours against qemu-img convert."""
+    ours_out, native_out = bench.out / "restored-r2q.raw", bench.out / "restored-qemu.raw"
+    ours = bench.rbd2qcow2("restore", "--no-progress", "--target", str(chain.target), chain.ref("latest"))
+    qemu = ["qemu-img", "convert", *QEMU_FAST, "-f", "qcow2", "-O", "raw", str(chain.file(chain.newest))]
+    return series(
+        bench,
+        "restore into a raw file",
+        [
+            Tool(
+                "rbd2qcow2 restore",
+                [*ours, "--to", str(ours_out)],
+                check=lambda: check_equal(ours_out, chain.oracle, "raw file restored by rbd2qcow2"),
+                after=ours_out.unlink,
+            ),
+            Tool(
+                "qemu-img convert",
+                [*qemu, str(native_out)],
+                check=lambda: check_equal(native_out, chain.oracle, "raw file written by qemu-img convert"),
+                after=native_out.unlink,
+            ),
+        ],
+    )
+
+
+def bench_merge(bench: Bench, chain: Chain) -> dict[str, list[Measurement]]:
+    """Deleting point #9 (merged into #10) in a fresh copy of the target, against rewriting #9 with qemu-img."""
+    second = chain.points[-2]
+    copy = bench.out / "target-copy"
+    copy_dir = copy / chain.directory.relative_to(chain.target)
+    native_out = bench.out / "rewritten.qcow2"
+
+    def fresh_copy() -> None:
+        shutil.rmtree(copy, ignore_errors=True)
+        bench.run("cp", "-a", str(chain.target), str(copy))
+
+    def check() -> None:
+        m = mf.load(copy_dir)
+        assert m is not None and m.latest is not None
+        if [p.id for p in m.points] != [p.id for p in chain.points if p.id != second.id]:
+            raise SystemExit(f"WRONG RESULT: after deleting {second.id} the chain is {[p.id for p in m.points]}")
+        log(f"  merged layer of {m.latest.id}: {m.latest.data_bytes / MiB:.0f} MiB data, "
+            f"{m.latest.stored_bytes / MiB:.0f} MiB on disk, parent {m.latest.parent}")  # fmt: skip
+        check_point(copy_dir, m.latest, chain.oracle, "the newest point after the merge", bench.work)
+
+    return series(
+        bench,
+        f"merge: delete point 9 of 10 ({second.id})",
+        [
+            Tool(
+                "rbd2qcow2 delete",
+                bench.rbd2qcow2("delete", "--no-progress", "--target", str(copy), chain.ref(second.id)),
+                before=fresh_copy,
+                check=check,
+                after=lambda: shutil.rmtree(copy),
+            ),
+            Tool(
+                "qemu-img convert",
+                ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(chain.file(second)), str(native_out)],
+                after=native_out.unlink,
+            ),
+        ],
+    )
+
+
+def bench_verify(bench: Bench, chain: Chain) -> dict[str, list[Measurement]]:
+    """``verify --deep`` of the newest point against qemu-img convert of it into null-co (reads only)."""
+    ours = bench.rbd2qcow2("verify", "--no-progress", "--target", str(chain.target), "--deep", chain.ref("latest"))
+    qemu = ["qemu-img", "convert", "-n", *QEMU_FAST, "-f", "qcow2", str(chain.file(chain.newest))]
+    qemu += ["--target-image-opts", f"driver=null-co,size={chain.newest.size}"]
+    tools = [Tool("rbd2qcow2 verify", ours), Tool("qemu-img convert", qemu)]
+    return series(bench, "verify --deep of the newest point", tools)
+
+
+# -------------------------------------------------------------------- the report
+
+
+@dataclass
+class Row:
+    label: str
+    native: str
+    ours: list[Measurement]
+    theirs: list[Measurement]
+    limit: float
+    aim: float | None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def verdict(ratio: float, limit: float, aim: float | None) -> str:
+    if ratio > limit:
+        return "MISSED"
+    return "met, aim met" if aim is not None and ratio <= aim else "met"
+
+
+def report(rows: list[Row], chain: Chain) -> str:
+    lines = [
+        f"{'operation':<27} {'native tool':<31} {'ours s':>7} {'native s':>8} {'ratio':>6}  {'target (aim)':<14}"
+        f"{'verdict':<13} {'RSS MiB ours/nat':>16} {'CPU s ours/nat':>15}"
+    ]
+    for row in rows:
+        o, n = median([m.wall for m in row.ours]), median([m.wall for m in row.theirs])
+        ratio = o / n
+        goal = f"<={row.limit}x" + (f" ({row.aim}x)" if row.aim is not None else "")
+        rss = f"{max_mib(row.ours):.0f} / {max_mib(row.theirs):.0f}"
+        cpu = f"{median([m.cpu for m in row.ours]):.1f} / {median([m.cpu for m in row.theirs]):.1f}"
+        lines.append(
+            f"{row.label:<27} {row.native:<31} {o:>7.2f} {n:>8.2f} {ratio:>6.2f}  {goal:<14}"
+            f"{verdict(ratio, row.limit, row.aim):<13} {rss:>16} {cpu:>15}"
+        )
+    lines += ["", chain_line(chain), load_line(rows), ""]
+    seen: set[int] = set()
+    for row in rows:
+        lines.append(f"{row.label} vs {row.native}: ours {fmt_runs(row.ours)}; native {fmt_runs(row.theirs)}")
+        for label, runs in (("  ours", row.ours), ("  native", row.theirs)):
+            if id(runs) not in seen:  # the RBD restore's runs of ours appear in two rows
+                seen.add(id(runs))
+                lines += cpu_lines(label, runs[-1], max(m.tree_rss_kib for m in runs) / KiB)
+    return "\n".join(lines)
+
+
+def chain_line(chain: Chain) -> str:
+    full, incrementals = chain.points[0], chain.points[1:]
+    incr = median([p.data_bytes / MiB for p in incrementals])
+    return (
+        f"chain: {len(chain.points)} points of a {chain.newest.size / GiB:.0f} GiB image: "
+        f"full {full.data_bytes / MiB:.0f} MiB of data, incrementals {incr:.0f} MiB each (median); "
+        f"the newest point reads {chain.raw.stat().st_blocks * 512 / MiB:.0f} MiB of data"
+    )
+
+
+def max_mib(runs: list[Measurement]) -> float:
+    return max(m.maxrss_kib for m in runs) / KiB
+
+
+def fmt_runs(runs: list[Measurement]) -> str:
+    return ", ".join(f"{m.wall:.2f}" for m in runs) + " s"
+
+
+def cpu_lines(label: str, m: Measurement, tree_mib: float) -> list[str]:
+    """The busiest threads of one run (sampled every 0.1 s) and the OSD's CPU meanwhile."""
+    top = sorted(m.threads.items(), key=lambda kv: -kv[1])[:6]
+    osd = f", OSD {m.osd_cpu:.1f} s" if m.osd_cpu is not None else ""
+    busiest = ", ".join(f"{name} {cpu:.1f}" for name, cpu in top if cpu >= 0.05) or "-"
+    machine = f"machine busy {m.machine['busy']:.1f} s, others {others(m):.1f} s, steal {m.machine['steal']:.1f} s"
+    return [
+        f"{label} (last run) CPU {m.cpu:.1f} s in {m.wall:.1f} s{osd}; {machine}; tree RSS up to {tree_mib:.0f} MiB;"
+        f" threads: {busiest}"
+    ]
+
+
+def others(m: Measurement) -> float:
+    """CPU seconds that other processes (not the command, not the OSD) used on the machine meanwhile."""
+    return max(0.0, m.machine["busy"] - m.cpu - (m.osd_cpu or 0.0))
+
+
+def load_line(rows: list[Row]) -> str:
+    runs = {id(m): m for row in rows for m in row.ours + row.theirs}.values()
+    share = median([others(m) / (m.wall * (os.cpu_count() or 1)) for m in runs])
+    return f"other processes used {share:.0%} of the machine's CPUs during the measured runs (median)"
+
+
+# ---------------------------------------------------------------------- main
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--size-gib", type=int, default=2, help="image size (default 2)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per tool after one warm-up (default 3)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (and images on --conf)")
+    p.add_argument("--conf", help="use this cluster instead of a throwaway one (the pool must exist)")
+    p.add_argument("--pool", default="bench", help="pool (default: bench, created on the throwaway cluster)")
+    p.add_argument("--out-dir", help="where the timed commands write (default: the scratch directory)")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the write pattern")
+    p.add_argument("--lock", default=LOCK_PATH, help=f"the benchmarks' lock file (default {LOCK_PATH})")
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.size_gib < 1:
+        p.error("--runs and --size-gib must be at least 1")
+    return args
+
+
+def run_bench(bench: Bench, args: argparse.Namespace) -> str:
+    chain = build_chain(bench, args)
+    rbd_runs = bench_restore_rbd(bench, chain)
+    file_runs = bench_restore_file(bench, chain)
+    merge_runs = bench_merge(bench, chain)
+    verify_runs = bench_verify(bench, chain)
+    restore, qemu, delete = "rbd2qcow2 restore", "qemu-img convert", "rbd2qcow2 delete"
+    rows = [
+        Row("restore -> new RBD image", "qemu-img convert -O raw rbd:", rbd_runs[restore], rbd_runs[qemu], 1.0, 0.7),
+        Row("restore -> new RBD image", "rbd import (raw file)", rbd_runs[restore], rbd_runs["rbd import"], 1.5, 1.0),
+        Row("restore -> raw file", "qemu-img convert -O raw", file_runs[restore], file_runs[qemu], 1.2, None),
+        Row("merge: delete point 9/10", "qemu-img convert -O qcow2 #9", merge_runs[delete], merge_runs[qemu], 0.3, 0.1),
+        Row(
+            "verify --deep, newest",
+            "qemu-img convert -> null-co",
+            verify_runs["rbd2qcow2 verify"],
+            verify_runs[qemu],
+            1.0,
+            None,
+        ),
+    ]
+    return report(rows, chain)
+
+
+def filesystem_type(path: Path) -> str:
+    proc = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "?"
+
+
+def code_version() -> str:
+    """The commit, and whether the package had uncommitted changes (others edit it concurrently)."""
+
+    def git(*cmd: str) -> str:
+        proc = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=False)
+        return proc.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = git("status", "--porcelain", "--", "rbd2qcow2")
+    return f"{head}{' + uncommitted changes in rbd2qcow2/' if dirty else ''}"
+
+
+def header(args: argparse.Namespace, fs_type: str, version: str) -> str:
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"rbd2qcow2 chain benchmark, {date}: {os.cpu_count()} CPUs, outputs on {fs_type}, code {version}, "
+        f"medians of {args.runs} run{'s' if args.runs > 1 else ''} after 1 warm-up"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if GNU_TIME is None:
+        log("GNU time not found (Debian package 'time'): peak RSS will include this process's own RSS")
+    version = code_version()
+    with bench_lock(Path(args.lock)):
+        work = Path(tempfile.mkdtemp(prefix="r2q-b-"))
+        out = Path(tempfile.mkdtemp(prefix="r2q-b-out-", dir=args.out_dir)) if args.out_dir else work / "out"
+        out.mkdir(exist_ok=True)
+        table, fs_type = "", filesystem_type(out)
+        try:
+            with bench_context(args, work, out) as bench:
+                try:
+                    table = run_bench(bench, args)
+                finally:
+                    if args.conf is not None and not args.keep:
+                        for name in bench.images:
+                            if bench.image_exists(name):
+                                remove_image(bench, name)
+        finally:
+            for path in [work] if out.is_relative_to(work) else [work, out]:
+                if args.keep:
+                    log(f"kept {path}")
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+    print(f"{header(args, fs_type, version)}\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
