@@ -133,3 +133,46 @@ def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
                 raise ChainDamaged(str(path), "checksum file truncated")
             index, dig = _RECORD.unpack(raw)
             yield int(index), bytes(dig)
+
+
+def stacked_records(paths: list[Path]) -> Iterator[tuple[int, bytes]]:
+    """The records of layers stacked oldest first, as one layer: per block, the newest record.
+
+    Streams the files (sorted by index) with a heap merge, so memory does not
+    grow with the image.
+    """
+
+    def ranked(rank: int, path: Path) -> Iterator[tuple[int, int, bytes]]:
+        for index, dig in read_records(path):
+            yield index, -rank, dig
+
+    last = -1
+    for index, _, dig in heapq.merge(*(ranked(rank, p) for rank, p in enumerate(paths))):
+        if index != last:
+            last = index
+            yield index, dig
+
+
+def write_records(path: Path, records: Iterator[tuple[int, bytes]]) -> tuple[str, int, int]:
+    """Write a checksum file from sorted records; returns its SHA-256 and the data and zero block counts."""
+    writer = OrderedWriter(path)
+    data = zeros = 0
+    try:
+        batch = bytearray()
+        seq = 0
+        for index, dig in records:
+            if dig == ZERO_DIGEST:
+                zeros += 1
+            else:
+                data += 1
+            batch += _RECORD.pack(index, dig)
+            if len(batch) >= 1 << 20:
+                writer.add(seq, bytes(batch))
+                seq += 1
+                batch.clear()
+        writer.add(seq, bytes(batch))
+        return writer.finish(), data, zeros
+    except BaseException:
+        writer.abort()
+        path.unlink(missing_ok=True)
+        raise

@@ -63,12 +63,15 @@ class Point:
 
 @dataclass(frozen=True)
 class PendingMerge:
-    """A merge whose new layer is built and verified but maybe not yet in place.
+    """A merge that is under way: finished forward by the next run that takes the lock.
 
-    ``drop`` (consecutive points, oldest first) are merged into ``child``,
-    whose new layer is ``<child>.qcow2.merge`` (and ``<child>.sums.merge``)
-    until renamed over the child's files.  Recorded in the manifest before
-    the rename, so an interrupted prune is always finished forward.
+    ``drop`` (consecutive points, oldest first) are merged into ``child``.
+    Method ``copy``: the new layer is built and verified as
+    ``<child>.qcow2.merge`` (and ``<child>.sums.merge``) before this entry is
+    recorded, then renamed over the child's files.  Method ``commit``: the
+    entry is recorded with ``<child>.sums.merge`` written, before qemu
+    commits the upper layers into the oldest dropped layer's file, which is
+    then renamed over the child's (see :mod:`rbd2qcow2.merge`).
     """
 
     child: str
@@ -77,6 +80,7 @@ class PendingMerge:
     stored_bytes: int
     data_bytes: int
     zero_bytes: int
+    method: str = "copy"  # "commit": the oldest dropped layer's file becomes the child's
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ def _pending(raw: dict[str, Any] | None) -> PendingMerge | None:
         stored_bytes=int(raw["stored_bytes"]),
         data_bytes=int(raw["data_bytes"]),
         zero_bytes=int(raw["zero_bytes"]),
+        method=str(raw.get("method", "copy")),
     )
 
 
@@ -240,6 +245,8 @@ def _check_consistency(m: Manifest, where: str) -> None:
         ids = [*pm.drop, pm.child]
         if not pm.drop or any(i not in seen for i in ids):
             raise ChainDamaged(where, f"pending merge names unknown points {ids}")
+        if pm.method not in ("copy", "commit"):
+            raise ChainDamaged(where, f"pending merge has unknown method {pm.method!r}")
         parents = [m.point(i).parent for i in ids[1:]]
         if parents != ids[:-1]:
             raise ChainDamaged(where, f"pending merge of {ids} is not a run of consecutive layers")

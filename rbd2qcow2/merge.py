@@ -17,23 +17,48 @@ parent ``A`` (or none): ``N`` over ``A`` must read exactly like ``B`` over
 3. ``N`` is checked (``qemu-img check``) and read back through its new
    chain; every written block must match the checksum taken from ``B``'s
    view, or the merge is abandoned.
+
+That is the general method (``copy``).  When ``L1..Lk`` and ``B`` all have
+the same virtual size, the usual case, a cheaper one applies (``commit``):
+qemu commits ``L2..Lk`` and ``B`` into ``L1``'s file (``block-commit``),
+which then reads exactly like ``B`` and is renamed over ``B``'s file.  It
+writes only what the upper layers hold, not the dropped layer's data again.
+``L1``'s file belongs to a dropped point, so the journal is written before
+the commit starts, and an interrupted commit is simply run again (it writes
+the same clusters).  ``B``'s view never changes during the commit: it reads
+``L1`` only where no layer above ``L1`` has a cluster, and those are exactly
+the clusters the commit does not touch.  qemu's image locks make the commit
+fail, rather than run, while another process has a file of the chain open.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from . import manifest as mf
 from . import names, qemu
 from .chain import checked_chain
-from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter, block_records, read_records, unpack_records
-from .errors import DataError
+from .checksums import (
+    ALGORITHM,
+    BLOCK_SIZE,
+    OrderedWriter,
+    block_records,
+    file_sha256,
+    read_records,
+    stacked_records,
+    unpack_records,
+    write_records,
+)
+from .errors import ChainDamaged, DataError
 from .extents import Chunk, Extent, boundary_extent, plan
+from .faults import crashpoint
 from .nbdio import Connection, ConnectionPool
 from .pipeline import Stats, Transfer
 from .progress import Progress
+from .qcow2 import read_header
 
 logger = logging.getLogger(__name__)
 MERGE_SUFFIX = ".merge"
@@ -109,7 +134,7 @@ def build(
         layer.unlink(missing_ok=True)
         sums_path.unlink(missing_ok=True)
         raise
-    _verify(daemon, [*parent_files, layer], sums_path, child.size)
+    _verify(daemon, [*parent_files, layer], read_records(sums_path), child.size)
     return mf.PendingMerge(
         child=child.id,
         drop=tuple(drop),
@@ -157,13 +182,13 @@ def _copy(
     return stats
 
 
-def _verify(daemon: qemu.StorageDaemon, files: list[Path], sums_path: Path, size: int) -> None:
+def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
     """Read back every block the merge wrote, through the new chain, against its checksum."""
     export = daemon.export_chain(files, writable=False)
     try:
         with Connection(export.socket, export.name) as conn:
             run: list[tuple[int, bytes]] = []
-            for index, digest in read_records(sums_path):
+            for index, digest in records:
                 if run and (index != run[-1][0] + 1 or len(run) * BLOCK_SIZE >= VERIFY_READ):
                     _verify_run(conn, run, size)
                     run = []
@@ -180,3 +205,84 @@ def _verify_run(conn: Connection, run: list[tuple[int, bytes]], size: int) -> No
     records, _ = block_records(offset, conn.pread(length, offset))
     if unpack_records(records) != run:
         raise DataError(f"merged layer does not read back as written near offset {offset}; merge abandoned")
+
+
+# -- the commit method ------------------------------------------------------------------
+
+COPY = "copy"
+COMMIT = "commit"
+
+
+def method(m: mf.Manifest, drop: Sequence[str], child_id: str) -> str:
+    """``commit`` when the dropped layers and the child share one size and all have checksums (pure)."""
+    layers = [m.point(d) for d in drop] + [m.point(child_id)]
+    if len({p.size for p in layers}) == 1 and all(p.checksums is not None for p in layers):
+        return COMMIT
+    return COPY
+
+
+def _sums_paths(directory: Path, layers: Sequence[mf.Point]) -> list[Path]:
+    """The layers' checksum files, each checked against the SHA-256 the manifest recorded."""
+    paths = []
+    for p in layers:
+        if p.checksums is None:
+            raise ChainDamaged(str(directory), f"point {p.id} has no checksums")
+        path = directory / p.checksums.file
+        if file_sha256(path) != p.checksums.sha256:
+            raise ChainDamaged(str(path), "checksum file does not match the manifest")
+        paths.append(path)
+    return paths
+
+
+def journal_commit(directory: Path, m: mf.Manifest, drop: Sequence[str], child_id: str) -> mf.PendingMerge:
+    """Write the merged layer's checksums beside the child's; the journal entry of a commit merge.
+
+    The merged layer's records are the layers' records stacked: per block,
+    the newest layer's record.
+    """
+    child = m.point(child_id)
+    layers = [m.point(d) for d in drop] + [child]
+    _, sums_path = merge_files(directory, child)
+    sha, data, zeros = write_records(sums_path, stacked_records(_sums_paths(directory, layers)))
+    return mf.PendingMerge(
+        child=child.id,
+        drop=tuple(drop),
+        checksums=mf.Checksums(names.sums_file(child.id), ALGORITHM, BLOCK_SIZE, sha),
+        stored_bytes=0,  # known once the merged layer is in place
+        data_bytes=min(data * BLOCK_SIZE, child.size),
+        zero_bytes=min(zeros * BLOCK_SIZE, child.size),
+        method=COMMIT,
+    )
+
+
+def commit_in_place(
+    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon, *, progress: bool
+) -> None:
+    """Commit a journaled merge into the oldest dropped layer and rename it over the child's file.
+
+    Idempotent: when the child's file already names the new parent as its
+    backing file, the rename happened and nothing is left to do; otherwise
+    the commit runs (again) from the start.
+    """
+    child = m.point(pm.child)
+    first = m.point(pm.drop[0])
+    parent_file = m.point(first.parent).file if first.parent else None
+    child_path = directory / child.file
+    if read_header(child_path).backing_file == parent_file:
+        return
+    files = checked_chain(directory, m, child.id)
+    base = len(files) - len(pm.drop) - 1
+    upper = [m.point(d) for d in pm.drop[1:]] + [child]
+    total = sum(p.data_bytes + p.zero_bytes for p in upper)
+    with Progress(f"merge into {child.id}", total, enabled=progress) as bar:
+        daemon.commit(files, base, bar.update)
+    merged = files[base]
+    qemu.check_layer(merged)
+    fd = os.open(merged, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _verify(daemon, files[: base + 1], stacked_records(_sums_paths(directory, upper)), child.size)
+    crashpoint("prune-after-build")
+    os.replace(merged, child_path)

@@ -6,10 +6,13 @@ Per image, under the chain lock:
 2. decide (pure: :mod:`rbd2qcow2.retention`), then plan the actions (pure:
    :func:`plan_actions`): each run of consecutive dropped points is merged
    into its child; a run at the end of an old chain is simply deleted;
-3. per merge: build and verify the new layer beside the old one
-   (:mod:`rbd2qcow2.merge`), write the manifest with the merge pending,
-   rename the new files over the child's, write the manifest without the
-   dropped points, delete their files.
+3. per merge (:mod:`rbd2qcow2.merge`), method ``copy``: build and verify
+   the new layer beside the old one, write the manifest with the merge
+   pending, rename the new files over the child's; method ``commit`` (one
+   size throughout): write the merged checksums and the manifest with the
+   merge pending, let qemu commit the upper layers into the oldest dropped
+   layer's file, check and verify it, rename it over the child's.  Then
+   write the manifest without the dropped points and delete their files.
 
 Every step is idempotent and a crash at any point is finished forward by
 the next run that takes the lock (backup or prune); files the manifest does
@@ -171,25 +174,38 @@ def format_plan(plan: ImagePlan, *, dry_run: bool) -> str:
 # -- execution ----------------------------------------------------------------------
 
 
-def recover(directory: Path, m: mf.Manifest) -> mf.Manifest:
+def recover(directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None = None) -> mf.Manifest:
     """Finish a merge that an interrupted run left pending (idempotent)."""
     pm = m.pending
     if pm is None:
         return m
     logger.warning("%s: finishing the interrupted merge of %s into %s", m.image, ", ".join(pm.drop), pm.child)
-    return _finish(directory, m, pm)
+    if pm.method == merge.COMMIT and daemon is None:
+        with qemu.storage_daemon() as own:
+            return _finish(directory, m, pm, own, progress=False)
+    return _finish(directory, m, pm, daemon, progress=False)
 
 
-def _finish(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> mf.Manifest:
-    """Rename the merged files into place, commit, delete the dropped files (each step idempotent)."""
+def _finish(
+    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon | None, *, progress: bool
+) -> mf.Manifest:
+    """Put the merged files in place, commit, delete the dropped files (each step idempotent)."""
     child = m.point(pm.child)
     layer, sums = merge.merge_files(directory, child)
-    for tmp, final in ((layer, directory / child.file), (sums, directory / names.sums_file(child.id))):
+    renames = [(sums, directory / names.sums_file(child.id))]
+    if pm.method == merge.COMMIT:
+        assert daemon is not None
+        merge.commit_in_place(directory, m, pm, daemon, progress=progress)
+    else:
+        renames.insert(0, (layer, directory / child.file))
+    for tmp, final in renames:
         if tmp.exists():
             os.replace(tmp, final)
     fsync_dir(directory)
     crashpoint("prune-after-rename")
-    done = m.finish_merge()
+    if pm.method == merge.COMMIT:
+        pm = dataclasses.replace(pm, stored_bytes=(directory / child.file).stat().st_blocks * 512)
+    done = dataclasses.replace(m, pending=pm).finish_merge()
     mf.save(directory, done)
     crashpoint("prune-after-commit")
     _unlink_points(directory, [m.point(d) for d in pm.drop])
@@ -229,15 +245,18 @@ def _delete(directory: Path, m: mf.Manifest, action: Delete) -> mf.Manifest:
 def _merge(
     directory: Path, m: mf.Manifest, action: Merge, daemon: qemu.StorageDaemon, opts: PruneOptions
 ) -> mf.Manifest:
-    pending = merge.build(
-        directory, m, action.drop, action.child, daemon, parallel=opts.parallel, progress=opts.progress
-    )
-    crashpoint("prune-after-build")
+    if merge.method(m, action.drop, action.child) == merge.COMMIT:
+        pending = merge.journal_commit(directory, m, action.drop, action.child)
+    else:
+        pending = merge.build(
+            directory, m, action.drop, action.child, daemon, parallel=opts.parallel, progress=opts.progress
+        )
+        crashpoint("prune-after-build")
     journaled = dataclasses.replace(m, pending=pending)
     mf.save(directory, journaled)
     crashpoint("prune-after-journal")
-    done = _finish(directory, journaled, pending)
-    logger.info("%s: merged %s into %s", m.image, ", ".join(action.drop), action.child)
+    done = _finish(directory, journaled, pending, daemon, progress=opts.progress)
+    logger.info("%s: merged %s into %s (%s)", m.image, ", ".join(action.drop), action.child, pending.method)
     return done
 
 

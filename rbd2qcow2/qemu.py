@@ -19,7 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .errors import QemuError
+from .faults import crashpoint
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,51 @@ def map_chain(files: Sequence[Path]) -> list[MapExtent]:
         MapExtent(int(e["start"]), int(e["length"]), int(e["depth"]), bool(e["present"]), bool(e["zero"]))
         for e in json.loads(out)
     ]
+
+
+@dataclass(frozen=True)
+class HostExtent:
+    """One extent of ``qemu-img map`` with where its bytes live.
+
+    ``offset`` is the host offset of the raw, uncompressed data in the file
+    of the layer at ``depth`` (0 = top); ``None`` where qemu names none
+    (compressed clusters, zeros, holes).
+    """
+
+    start: int
+    length: int
+    depth: int
+    zero: bool
+    data: bool
+    offset: int | None
+
+
+def map_host(files: Sequence[Path], *, pass_fds: Sequence[int] = ()) -> list[HostExtent]:
+    """The allocation map of a chain's top (base first), with host offsets.
+
+    ``pass_fds`` are inherited by qemu-img, for files named ``/dev/fd/N``.
+    """
+    args = ["qemu-img", "map", "--output=json", json_filename(chain_options(files))]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, check=False, pass_fds=tuple(pass_fds))
+    except OSError as exc:
+        raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
+    if proc.returncode != 0:
+        raise QemuError(f"qemu-img map failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    try:
+        return [
+            HostExtent(
+                int(e["start"]),
+                int(e["length"]),
+                int(e["depth"]),
+                bool(e["zero"]),
+                bool(e["data"]),
+                int(e["offset"]) if "offset" in e else None,
+            )
+            for e in json.loads(proc.stdout)
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QemuError(f"qemu-img map printed an unexpected map: {exc!r}") from exc
 
 
 def _daemon_env() -> dict[str, str]:
@@ -276,6 +322,68 @@ class StorageDaemon:
             self.cmd("blockdev-del", **{"node-name": node})
             raise
         return Export(name=name, socket=self._nbd_socket, node=node, id=export_id)
+
+    def commit(self, files: Sequence[Path], base: int, progress: Callable[[int], None] | None = None) -> None:
+        """Write the layers above ``files[base]`` into it (QMP ``block-commit``), then close the chain.
+
+        ``files[base]`` is the only node opened writable; the top and every
+        other layer stay read-only and unchanged.  qemu copies what the layers
+        above the base allocate (zero clusters as zeros) and takes its image
+        locks: the commit fails cleanly while any other process has a file of
+        the chain open.  Returns once the job concluded and the nodes are
+        closed (qemu flushes the base on close).
+        """
+        self._count += 1
+        top = f"c{self._count}"
+        base_node = f"{top}-base"
+        opts: dict[str, Any] | None = None
+        for i, path in enumerate(files):
+            writable = i == base
+            node: dict[str, Any] = {
+                "driver": "qcow2",
+                "file": file_node(path, read_only=not writable),
+                "backing": opts,
+                "read-only": not writable,
+            }
+            if writable:
+                node["node-name"] = base_node
+            opts = node
+        if opts is None or base >= len(files) - 1:
+            raise ValueError("nothing to commit")
+        opts["node-name"] = top
+        self.cmd("blockdev-add", **opts)
+        try:
+            job = f"{top}-job"
+            self.cmd(
+                "block-commit",
+                **{"job-id": job, "device": top, "base-node": base_node, "auto-dismiss": False},
+            )
+            crashpoint("prune-during-commit")
+            self._wait_job(job, progress)
+        finally:
+            self.cmd("blockdev-del", **{"node-name": top})
+
+    def _wait_job(self, job: str, progress: Callable[[int], None] | None) -> None:
+        done = 0
+        while True:
+            found = [j for j in self.cmd("query-jobs") if j.get("id") == job]
+            if not found:
+                raise QemuError(f"block job {job} vanished")
+            status = found[0]
+            current = int(status.get("current-progress", 0))
+            if progress is not None and current > done:
+                progress(current - done)
+                done = current
+            if status["status"] == "ready":
+                self.cmd("job-complete", id=job)
+            elif status["status"] == "concluded":
+                self.cmd("job-dismiss", id=job)
+                if "error" in status:
+                    raise QemuError(f"block job {job} failed: {status['error']}")
+                return
+            if not self.alive:
+                raise QemuError(f"qemu-storage-daemon died during block job {job}: {self._log_tail()}")
+            time.sleep(0.02)
 
     def remove_export(self, export: Export) -> None:
         """Close an export and its nodes; waits until qemu has let go of the files."""

@@ -7,6 +7,7 @@ import os
 import random
 import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,44 @@ def test_damage_names_the_file(sums_file: Path) -> None:
     with pytest.raises(ChainDamaged) as info:
         list(cs.read_records(sums_file))
     assert str(info.value) == f"chain {sums_file} is damaged: not a checksum file"
+
+
+# -- stacked layers ----------------------------------------------------------------------------
+
+
+def _write(path: Path, records: dict[int, bytes]) -> Path:
+    cs.write_records(path, iter(sorted(records.items())))
+    return path
+
+
+DIGESTS = st.sampled_from([b"a" * 16, b"b" * 16, cs.ZERO_DIGEST])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.dictionaries(st.integers(0, 40), DIGESTS), max_size=4))
+def test_stacked_records_model(tmp_path_factory: pytest.TempPathFactory, layers: list[dict[int, bytes]]) -> None:
+    """Stacked records equal a dict updated layer by layer, oldest first."""
+    tmp = tmp_path_factory.mktemp("stack")
+    paths = [_write(tmp / f"{i}.sums", layer) for i, layer in enumerate(layers)]
+    model: dict[int, bytes] = {}
+    for layer in layers:
+        model.update(layer)
+    assert list(cs.stacked_records(paths)) == sorted(model.items())
+
+
+def test_write_records_counts_and_sha(tmp_path: Path) -> None:
+    records = [(0, b"x" * 16), (3, cs.ZERO_DIGEST), (9, b"y" * 16)]
+    sha, data, zeros = cs.write_records(tmp_path / "s", iter(records))
+    assert (data, zeros) == (2, 1)
+    assert sha == cs.file_sha256(tmp_path / "s")
+    assert list(cs.read_records(tmp_path / "s")) == records
+
+
+def test_write_records_failure_removes_the_file(tmp_path: Path) -> None:
+    def broken() -> Iterator[tuple[int, bytes]]:
+        yield 0, b"x" * 16
+        raise OSError("read failed")
+
+    with pytest.raises(OSError):
+        cs.write_records(tmp_path / "s", broken())
+    assert not (tmp_path / "s").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,40 @@ def test_kill9_during_prune(ceph: Ceph, target: Path, image_name: str, tmp_path:
     assert proc.returncode == 0, proc.stderr
     m = assert_points(target, ceph, image_name, expected, tmp_path)
     assert [p.id for p in m.points] == ids[-2:]
+
+
+@pytest.mark.parametrize("where", ("prune-during-commit", *PRUNE_CRASH_POINTS))
+def test_kill9_during_commit_merge(ceph: Ceph, target: Path, image_name: str, tmp_path: Path, where: str) -> None:
+    """Deleting the full base merges by commit (same size as its child): kill -9 at each step, then finish."""
+    expected = build(ceph, target, image_name, tmp_path, cycles=3)
+    ids = sorted(expected)
+    ref = f"{ceph.pool}/{image_name}@{ids[0]}"
+    proc = run_cli("delete", "--target", str(target), ref, env={"RBD2QCOW2_CRASH_AT": where})
+    assert proc.returncode == -9, proc.stderr
+    m = manifest(target, ceph, image_name)
+    if where != "prune-after-commit":
+        assert m.pending is not None and m.pending.method == "commit"
+    # The kept child reads right even before the merge is finished.
+    directory = chain_dir(target, ImageSpec(ceph.pool, "", image_name))
+    wait_unlocked(directory / m.point(ids[1]).file)  # the killed run's daemon exits on its own
+    if m.pending is not None:
+        raw = qcow2_to_raw(directory / m.point(ids[1]).file, tmp_path / "child.raw")
+        assert_same_content(raw, expected[ids[1]])
+        raw.unlink()
+    proc = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}")  # finishes it first
+    assert proc.returncode == 0, proc.stderr
+    new = manifest(target, ceph, image_name).points[-1]
+    expected[new.id] = ceph.export(image_name, new.snapshot.name, tmp_path / "exp-new")
+    m = assert_points(target, ceph, image_name, expected, tmp_path)
+    assert [p.id for p in m.points][:2] == [ids[1], ids[2]] and m.points[0].kind == "full"
+
+
+def wait_unlocked(layer: Path) -> None:
+    """Wait until no process holds qemu's lock on the chain of ``layer``."""
+    deadline = time.monotonic() + 20
+    while subprocess.run(["qemu-img", "info", "--backing-chain", str(layer)], capture_output=True).returncode:
+        assert time.monotonic() < deadline, "the chain is still locked"
+        time.sleep(0.1)
 
 
 def test_max_depth(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from rbd2qcow2 import prune, qemu
 from rbd2qcow2.errors import ChainDamaged
 from rbd2qcow2.extents import Extent
 from rbd2qcow2.merge import merge_extents
+from rbd2qcow2.merge import method as merge_method
 from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.prune import Delete, ImagePlan, Merge, PruneOptions
 from rbd2qcow2.retention import Decision, Policy
@@ -465,3 +467,26 @@ def test_loads_rejects_pending_after_finish_merge_points_gone() -> None:
     broken = dataclasses.replace(m.finish_merge(), pending=m.pending)
     with pytest.raises(ChainDamaged):
         mf.loads(mf.dumps(broken), "here")
+
+
+def test_round_trip_commit_method_and_unknown_method() -> None:
+    m = manifest([A, B, C], pending=dataclasses.replace(pending((B,), C), method="commit"))
+    assert mf.loads(mf.dumps(m), "here") == m
+    bad = manifest([A, B, C], pending=dataclasses.replace(pending((B,), C), method="rsync"))
+    with pytest.raises(ChainDamaged, match="method"):
+        mf.loads(mf.dumps(bad), "here")
+
+
+def _changed(m: mf.Manifest, point_id: str, **changes: Any) -> mf.Manifest:
+    return dataclasses.replace(
+        m, points=tuple(dataclasses.replace(p, **changes) if p.id == point_id else p for p in m.points)
+    )
+
+
+def test_merge_method_commit_only_for_one_size_with_checksums() -> None:
+    m = manifest([A, B, C, D])
+    assert merge_method(m, (B, C), D) == "commit"
+    resized = _changed(m, C, size=4 * MiB)
+    assert merge_method(resized, (B, C), D) == "copy"
+    assert merge_method(resized, (A,), B) == "commit"  # only the run and its child count
+    assert merge_method(_changed(m, B, checksums=None), (B,), C) == "copy"
