@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import manifest as mf
@@ -46,11 +47,13 @@ from .checksums import (
     BLOCK_SIZE,
     OrderedWriter,
     block_records,
+    digest,
     file_sha256,
     read_records,
     stacked_records,
     unpack_records,
     write_records,
+    zero_digest,
 )
 from .errors import ChainDamaged, DataError
 from .extents import Chunk, Extent, boundary_extent, plan
@@ -182,8 +185,89 @@ def _copy(
     return stats
 
 
+@dataclass
+class ReadBack:
+    """How to read back a merge's blocks: from layer files where qemu names a host offset (pure plan)."""
+
+    host: list[tuple[int, int, list[tuple[int, bytes]]]] = field(default_factory=list)  # layer, offset, records
+    zeros: list[tuple[int, bytes]] = field(default_factory=list)  # blocks qemu reports as zeros
+    qemu: list[tuple[int, bytes]] = field(default_factory=list)  # anything else: read through qemu
+
+
+def plan_read_back(
+    extents: Sequence[qemu.HostExtent], records: Iterable[tuple[int, bytes]], size: int, layers: int
+) -> ReadBack:
+    """Where each recorded block lies in the chain of ``layers`` files, by qemu's map (sorted by start)."""
+    plan = ReadBack()
+    i = 0
+    for index, dig in records:
+        start = index * BLOCK_SIZE
+        end = min(start + BLOCK_SIZE, size)
+        while i < len(extents) and extents[i].start + extents[i].length <= start:
+            i += 1
+        e = extents[i] if i < len(extents) else None
+        if e is None or not (e.start <= start and end <= e.start + e.length):
+            plan.qemu.append((index, dig))  # split between extents or left out of the map
+        elif e.zero:
+            plan.zeros.append((index, dig))
+        elif e.data and e.offset is not None and 0 <= e.depth < layers:
+            layer, offset = layers - 1 - e.depth, e.offset + start - e.start
+            last = plan.host[-1] if plan.host else None
+            if (
+                last is not None
+                and last[0] == layer
+                and last[1] + len(last[2]) * BLOCK_SIZE == offset
+                and last[2][-1][0] + 1 == index
+                and len(last[2]) * BLOCK_SIZE < VERIFY_READ
+            ):
+                last[2].append((index, dig))
+            else:
+                plan.host.append((layer, offset, [(index, dig)]))
+        else:
+            plan.qemu.append((index, dig))
+    return plan
+
+
 def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
-    """Read back every block the merge wrote, through the new chain, against its checksum."""
+    """Read back every block the merge wrote, through the new chain, against its checksum.
+
+    qemu maps the chain (which layer holds each block, at which host offset);
+    blocks it places in a layer file are hashed from that file, blocks it
+    reports as zeros must have been recorded as zeros, the rest is read
+    through a qemu NBD export.
+    """
+    plan = plan_read_back(qemu.map_host(files), records, size, len(files))
+    for index, dig in plan.zeros:
+        if dig != zero_digest(min(BLOCK_SIZE, size - index * BLOCK_SIZE)):
+            raise DataError(f"merged layer reads zeros at offset {index * BLOCK_SIZE}; merge abandoned")
+    buf = bytearray(VERIFY_READ)
+    fds: dict[int, int] = {}
+    try:
+        for layer, offset, run in plan.host:
+            if layer not in fds:
+                fds[layer] = os.open(files[layer], os.O_RDONLY | os.O_CLOEXEC)
+            first = run[0][0] * BLOCK_SIZE
+            length = min(len(run) * BLOCK_SIZE, size - first)
+            view = memoryview(buf)[:length]
+            if os.preadv(fds[layer], [view], offset) != length:
+                raise DataError(f"merged layer is shorter than qemu maps it near offset {first}; merge abandoned")
+            _check_run(view, run, size)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if plan.qemu:
+        _verify_nbd(daemon, files, plan.qemu, size)
+
+
+def _check_run(data: memoryview, run: list[tuple[int, bytes]], size: int) -> None:
+    for pos, (index, dig) in zip(range(0, len(data), BLOCK_SIZE), run, strict=True):
+        if digest(data[pos : pos + BLOCK_SIZE]) != dig:
+            raise DataError(
+                f"merged layer does not read back as written at offset {index * BLOCK_SIZE}; merge abandoned"
+            )
+
+
+def _verify_nbd(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
     export = daemon.export_chain(files, writable=False)
     try:
         with Connection(export.socket, export.name) as conn:

@@ -9,6 +9,7 @@ with the command line and qemu's own message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -150,13 +151,13 @@ def map_chain(files: Sequence[Path]) -> list[MapExtent]:
     ]
 
 
-@dataclass(frozen=True)
-class HostExtent:
+class HostExtent(NamedTuple):
     """One extent of ``qemu-img map`` with where its bytes live.
 
     ``offset`` is the host offset of the raw, uncompressed data in the file
     of the layer at ``depth`` (0 = top); ``None`` where qemu names none
-    (compressed clusters, zeros, holes).
+    (compressed clusters, zeros, holes).  A tuple: maps of deep chains have
+    tens of thousands of extents.
     """
 
     start: int
@@ -383,7 +384,12 @@ class StorageDaemon:
                 return
             if not self.alive:
                 raise QemuError(f"qemu-storage-daemon died during block job {job}: {self._log_tail()}")
-            time.sleep(0.02)
+            self._next_event(0.25)
+
+    def _next_event(self, timeout: float) -> None:
+        """Wait until qemu sends an event (a job changed state) or ``timeout`` passes."""
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            self._connect().pull_event(wait=timeout)
 
     def remove_export(self, export: Export) -> None:
         """Close an export and its nodes; waits until qemu has let go of the files."""

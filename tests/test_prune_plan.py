@@ -13,7 +13,7 @@ from rbd2qcow2 import manifest as mf
 from rbd2qcow2 import prune, qemu
 from rbd2qcow2.errors import ChainDamaged
 from rbd2qcow2.extents import Extent
-from rbd2qcow2.merge import merge_extents
+from rbd2qcow2.merge import merge_extents, plan_read_back
 from rbd2qcow2.merge import method as merge_method
 from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.prune import Delete, ImagePlan, Merge, PruneOptions
@@ -490,3 +490,41 @@ def test_merge_method_commit_only_for_one_size_with_checksums() -> None:
     assert merge_method(resized, (B, C), D) == "copy"
     assert merge_method(resized, (A,), B) == "commit"  # only the run and its child count
     assert merge_method(_changed(m, B, checksums=None), (B,), C) == "copy"
+
+
+# -- plan_read_back ------------------------------------------------------------------------------
+
+BS = 65536
+
+
+def hx(start: int, length: int, depth: int, *, zero: bool = False, offset: int | None = None) -> qemu.HostExtent:
+    return qemu.HostExtent(start * BS, length * BS, depth, zero, not zero, offset)
+
+
+def test_plan_read_back_coalesces_contiguous_host_blocks() -> None:
+    extents = [hx(0, 4, 0, offset=10 * BS), hx(4, 2, 1, offset=0), hx(6, 2, 0, zero=True)]
+    records = [(0, b"a"), (1, b"b"), (3, b"c"), (4, b"d"), (5, b"e"), (6, b"z")]
+    plan = plan_read_back(extents, records, 8 * BS, 2)
+    assert plan.host == [
+        (1, 10 * BS, [(0, b"a"), (1, b"b")]),  # depth 0 = the top = index 1 of two files
+        (1, 13 * BS, [(3, b"c")]),  # block 2 is not recorded: a new read
+        (0, 0, [(4, b"d"), (5, b"e")]),
+    ]
+    assert plan.zeros == [(6, b"z")]
+    assert plan.qemu == []
+
+
+def test_plan_read_back_sends_the_rest_to_qemu() -> None:
+    half = qemu.HostExtent(0, BS // 2, 0, False, True, 0)
+    rest = qemu.HostExtent(BS // 2, 3 * BS // 2, 0, False, True, BS)
+    extents = [half, rest, hx(2, 1, 0), hx(3, 1, 2, offset=0)]  # no host offset; depth beyond the chain
+    records = [(0, b"split"), (2, b"compressed"), (3, b"beyond"), (9, b"unmapped")]
+    plan = plan_read_back(extents, records, 10 * BS, 2)
+    assert plan.host == [] and plan.zeros == []
+    assert [i for i, _ in plan.qemu] == [0, 2, 3, 9]
+
+
+def test_plan_read_back_short_last_block() -> None:
+    size = 2 * BS + 512
+    plan = plan_read_back([qemu.HostExtent(0, size, 0, False, True, 0)], [(2, b"t")], size, 1)
+    assert plan.host == [(0, 2 * BS, [(2, b"t")])]

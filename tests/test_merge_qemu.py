@@ -1,0 +1,114 @@
+"""The commit merge at the qemu level: real qcow2 files and a real qemu-storage-daemon, no Ceph."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rbd2qcow2 import qemu
+from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
+from rbd2qcow2.errors import DataError, QemuError
+from rbd2qcow2.merge import _verify
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+def io(path: Path, *commands: str) -> None:
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, str(path)], check=True, capture_output=True)
+
+
+def raw(path: Path) -> bytes:
+    out = path.with_suffix(".raw")
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(out)], check=True)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> list[Path]:
+    """A (data everywhere) <- L1 (some data) <- B (data, zeros hiding L1 and A)."""
+    a, l1, b = (tmp_path / n for n in ("a.qcow2", "l1.qcow2", "b.qcow2"))
+    qemu.create_layer(a, SIZE, None)
+    io(a, f"write -P 0x11 0 {SIZE}")
+    qemu.create_layer(l1, SIZE, a.name)
+    io(l1, "write -P 0x22 0 1M", "write -P 0x23 8M 1M")
+    qemu.create_layer(b, SIZE, l1.name)
+    io(b, "write -z 0 512k", "write -P 0x33 4M 1M", "write -z 8M 64k", "write -z 12M 64k")
+    return [a, l1, b]
+
+
+@pytest.fixture
+def daemon() -> Iterator[qemu.StorageDaemon]:
+    with qemu.storage_daemon() as d:
+        yield d
+
+
+def records_of(data: bytes, blocks: list[int]) -> list[tuple[int, bytes]]:
+    out = []
+    for i in blocks:
+        recs, _ = block_records(i * BLOCK_SIZE, data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+        out += unpack_records(recs)
+    return out
+
+
+def test_commit_makes_the_base_read_like_the_top_and_leaves_the_top_alone(
+    chain: list[Path], daemon: qemu.StorageDaemon
+) -> None:
+    _, l1, b = chain
+    expected = raw(b)
+    top_bytes = hashlib.sha256(b.read_bytes()).hexdigest()
+    seen: list[int] = []
+    daemon.commit(chain, 1, seen.append)
+    assert hashlib.sha256(b.read_bytes()).hexdigest() == top_bytes
+    assert raw(l1) == expected  # l1 over a now reads as b did
+    assert sum(seen) > 0
+    qemu.check_layer(l1)
+    # Zero clusters of the top became zeros in the base, not holes onto a.
+    assert expected[:BLOCK_SIZE] == bytes(BLOCK_SIZE) and expected[12 * MiB : 12 * MiB + BLOCK_SIZE] == bytes(
+        BLOCK_SIZE
+    )
+
+
+def test_read_back_accepts_the_commit_and_catches_a_wrong_block(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
+    a, l1, b = chain
+    expected = raw(b)
+    daemon.commit(chain, 1)
+    blocks = [0, 1, 64, 65, 128, 192]  # zeros over data, data, zeros, zeros
+    records = records_of(expected, blocks)
+    _verify(daemon, [a, l1], records, SIZE)
+    wrong = [(i, d if i != 65 else b"\0" * 16) for i, d in records]
+    with pytest.raises(DataError, match=str(65 * BLOCK_SIZE)):
+        _verify(daemon, [a, l1], wrong, SIZE)
+    not_zero = [(i, d if i != 0 else records[2][1]) for i, d in records]
+    with pytest.raises(DataError, match="offset 0"):
+        _verify(daemon, [a, l1], not_zero, SIZE)
+
+
+def test_commit_refused_while_another_process_reads_the_chain(
+    chain: list[Path], daemon: qemu.StorageDaemon, tmp_path: Path
+) -> None:
+    l1 = chain[1]
+    sock = tmp_path / "nbd.sock"
+    reader = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(sock), str(l1)])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        before = hashlib.sha256(l1.read_bytes()).hexdigest()
+        with pytest.raises(QemuError, match="lock"):
+            daemon.commit(chain, 1)
+        assert hashlib.sha256(l1.read_bytes()).hexdigest() == before
+    finally:
+        reader.terminate()
+        reader.wait()
