@@ -40,7 +40,18 @@ def parse_ref(text: str) -> PointRef:
 
 
 def select(m: mf.Manifest, ref: PointRef) -> mf.Point:
-    """The one point of ``m`` that ``ref`` names."""
+    """The one point of ``m`` that ``ref`` names; never one that an unfinished merge is rewriting."""
+    point = _select(m, ref)
+    pm = m.pending
+    if pm is not None and pm.method == "commit" and point.id in pm.drop:
+        raise NotFound(
+            f"point {ref.image}@{point.id} is being merged away by an unfinished prune "
+            "(the next prune or backup of the image finishes it)"
+        )
+    return point
+
+
+def _select(m: mf.Manifest, ref: PointRef) -> mf.Point:
     if not m.points:
         raise NotFound(f"{ref.image} has no points")
     if ref.selector == "latest":

@@ -11,12 +11,13 @@ import pytest
 
 from rbd2qcow2 import manifest as mf
 from rbd2qcow2 import prune, qemu
-from rbd2qcow2.errors import ChainDamaged
+from rbd2qcow2.errors import ChainDamaged, NotFound
 from rbd2qcow2.extents import Extent
 from rbd2qcow2.merge import merge_extents, plan_read_back
 from rbd2qcow2.merge import method as merge_method
 from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.prune import Delete, ImagePlan, Merge, PruneOptions
+from rbd2qcow2.refs import parse_ref, select
 from rbd2qcow2.retention import Decision, Policy
 
 IMAGE = ImageSpec("p", "", "i")
@@ -528,3 +529,14 @@ def test_plan_read_back_short_last_block() -> None:
     size = 2 * BS + 512
     plan = plan_read_back([qemu.HostExtent(0, size, 0, False, True, 0)], [(2, b"t")], size, 1)
     assert plan.host == [(0, 2 * BS, [(2, b"t")])]
+
+
+def test_select_refuses_a_point_a_commit_merge_is_rewriting() -> None:
+    ref = lambda p: parse_ref(f"{IMAGE}@{p}")  # noqa: E731
+    m = manifest([A, B, C], pending=dataclasses.replace(pending((A, B), C), method="commit"))
+    for victim in (A, B):
+        with pytest.raises(NotFound, match="unfinished prune"):
+            select(m, ref(victim))
+    assert select(m, ref(C)).id == C  # the child reads right throughout
+    copying = manifest([A, B, C], pending=pending((A, B), C))
+    assert select(copying, ref(A)).id == A  # the copy method never writes the dropped files
