@@ -17,7 +17,7 @@ from rbd2qcow2.merge import merge_extents, plan_read_back
 from rbd2qcow2.merge import method as merge_method
 from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.prune import Delete, ImagePlan, Merge, PruneOptions
-from rbd2qcow2.refs import parse_ref, select
+from rbd2qcow2.refs import PointRef, parse_ref, select
 from rbd2qcow2.retention import Decision, Policy
 
 IMAGE = ImageSpec("p", "", "i")
@@ -532,7 +532,9 @@ def test_plan_read_back_short_last_block() -> None:
 
 
 def test_select_refuses_a_point_a_commit_merge_is_rewriting() -> None:
-    ref = lambda p: parse_ref(f"{IMAGE}@{p}")  # noqa: E731
+    def ref(point_id: str) -> PointRef:
+        return parse_ref(f"{IMAGE}@{point_id}")
+
     m = manifest([A, B, C], pending=dataclasses.replace(pending((A, B), C), method="commit"))
     for victim in (A, B):
         with pytest.raises(NotFound, match="unfinished prune"):
