@@ -244,6 +244,17 @@ class RbdImage:
         """Make ``[offset, offset+length)`` read as zeros."""
         _wrap(f"{self.label}: write zeroes {length} at {offset}", lambda: self._img.write_zeroes(offset, length))
 
+    def flush(self) -> None:
+        """Wait until every completed write is on the OSDs (librbd's cache flushed)."""
+        _wrap(f"{self.label}: flush", self._img.flush)
+
+    def object_size(self) -> int:
+        return int(_wrap(self.label, self._img.stat)["obj_size"])
+
+    def async_writes(self, depth: int, timeout: float = 300.0) -> AsyncWrites:
+        """A writer that keeps up to ``depth`` writes in flight on this handle."""
+        return AsyncWrites(self._img, self.label, depth, timeout)
+
     def read_many(self, ranges: list[tuple[int, int]], timeout: float = 60.0) -> list[bytes]:
         """Read several ``(start, end)`` ranges with all requests in flight at once."""
         results: list[bytes | None] = [None] * len(ranges)
@@ -277,3 +288,96 @@ class RbdImage:
         if len(data) != length:
             raise CephError(f"{self.label}: short read at {offset}: {len(data)} of {length} bytes")
         return bytes(data)
+
+
+class AsyncWrites:
+    """Writes into one open image with at most ``depth`` requests in flight (``aio_write``).
+
+    Any thread may submit.  librbd runs the completion callbacks on its own
+    thread with the GIL held, so they only count and note the first failure;
+    that failure is raised as :class:`CephError` by the next :meth:`pwrite`
+    or :meth:`zero`, or by :meth:`wait`.  A request's buffer stays referenced
+    until librbd has completed it.  Every wait has a timeout: a write that
+    never completes is an error, not a hang.
+    """
+
+    def __init__(self, img: Any, label: str, depth: int, timeout: float) -> None:
+        self._img = img
+        self._label = label
+        self._depth = max(1, depth)
+        self._timeout = timeout
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._failure: str | None = None
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Writer protocol of the pipeline: queue a write (a view of part of a buffer is copied)."""
+        buf = _whole_bytes(data)
+        self._submit(
+            _Request(self, f"write {len(buf)} at {offset}", buf), lambda req: self._img.aio_write(buf, offset, req)
+        )
+
+    def zero(self, length: int, offset: int) -> None:
+        """Queue a write-zeroes: ``[offset, offset+length)`` reads as zeros."""
+        req = _Request(self, f"write zeroes {length} at {offset}", None)
+        self._submit(req, lambda req: self._img.aio_write_zeroes(offset, length, req))
+
+    def wait(self) -> None:
+        """Wait until nothing is in flight, then raise the first failure, if any."""
+        self._wait_below(1)
+        self._raise_failure()
+
+    def settle(self) -> None:
+        """Wait until nothing is in flight, after a failure elsewhere; raises nothing."""
+        with contextlib.suppress(CephError):
+            self._wait_below(1)
+
+    def _submit(self, req: _Request, start: Callable[[_Request], Any]) -> None:
+        self._raise_failure()
+        self._wait_below(self._depth)
+        with self._cond:
+            self._in_flight += 1
+        try:
+            _wrap(f"{self._label}: {req.what}", lambda: start(req))
+        except BaseException:
+            self._completed(None)
+            raise
+
+    def _completed(self, failure: str | None) -> None:
+        with self._cond:
+            if failure is not None and self._failure is None:
+                self._failure = failure
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def _wait_below(self, limit: int) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._in_flight < limit, timeout=self._timeout):
+                raise CephError(f"{self._label}: no write completed in {self._timeout:.0f} s")
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise CephError(f"{self._label}: {self._failure}")
+
+
+class _Request:
+    """One request in flight; called by librbd on completion.  Holds the buffer until then."""
+
+    __slots__ = ("buf", "owner", "what")
+
+    def __init__(self, owner: AsyncWrites, what: str, buf: bytes | None) -> None:
+        self.owner, self.what, self.buf = owner, what, buf
+
+    def __call__(self, completion: Any) -> None:
+        ret = completion.get_return_value()
+        self.owner._completed(f"{self.what}: {os.strerror(-ret)}" if ret < 0 else None)
+        self.buf = None
+
+
+def _whole_bytes(data: bytes | memoryview) -> bytes:
+    """``data`` as bytes, without a copy when it is a view of a whole bytes object."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data.obj, bytes) and data.nbytes == len(data.obj) and data.contiguous:
+        return data.obj
+    return bytes(data)
