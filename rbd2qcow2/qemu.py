@@ -180,6 +180,11 @@ def map_host(files: Sequence[Path], *, pass_fds: Sequence[int] = ()) -> list[Hos
         raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
     if proc.returncode != 0:
         raise QemuError(f"qemu-img map failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return _host_extents(proc.stdout)
+
+
+def _host_extents(text: str | bytes) -> list[HostExtent]:
+    """The extents of ``qemu-img map --output=json`` output (a JSON array of flat objects)."""
     try:
         return [
             HostExtent(
@@ -190,10 +195,90 @@ def map_host(files: Sequence[Path], *, pass_fds: Sequence[int] = ()) -> list[Hos
                 bool(e["data"]),
                 int(e["offset"]) if "offset" in e else None,
             )
-            for e in json.loads(proc.stdout)
+            for e in json.loads(text)
         ]
     except (ValueError, KeyError, TypeError) as exc:
         raise QemuError(f"qemu-img map printed an unexpected map: {exc!r}") from exc
+
+
+READ_MAP = 1 << 18  # bytes of map output parsed per read: about 2,000 extents, a few milliseconds
+
+
+def split_map_output(buf: bytes) -> tuple[list[HostExtent], bytes]:
+    """The complete extents at the start of a piece of ``qemu-img map --output=json`` output, and the rest.
+
+    The objects are flat, so each complete one ends with the last brace so far.
+    """
+    end = buf.rfind(b"}") + 1
+    return (_host_extents(b"[" + buf[:end].lstrip(b" \t\r\n[,") + b"]") if end else []), buf[end:]
+
+
+class HostMap:
+    """``qemu-img map`` of a chain's top (base first), with host offsets, running while the caller works.
+
+    qemu prints into an unlinked temporary file, so it never waits for a
+    reader; :meth:`read` returns the extents printed since the last call,
+    in order.  ``pass_fds`` are inherited by qemu-img, for files named
+    ``/dev/fd/N``.  :meth:`close` ends qemu-img if it still runs.
+    """
+
+    def __init__(self, files: Sequence[Path], *, pass_fds: Sequence[int] = ()) -> None:
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self._pos = 0
+        self._rest = b""
+        self._ended = False
+        args = ["qemu-img", "map", "--output=json", json_filename(chain_options(files))]
+        try:
+            self._proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, pass_fds=tuple(pass_fds)
+            )
+        except OSError as exc:
+            self._out.close()
+            self._err.close()
+            raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
+
+    def read(self, *, wait: bool = False) -> list[HostExtent] | None:
+        """The extents printed since the last call (maybe none); ``None`` once all have been read.
+
+        With ``wait``, waits until qemu has printed some or has ended.
+        Raises :class:`QemuError` when qemu-img fails.
+        """
+        while not self._ended:
+            exited = self._proc.poll() is not None  # before the read: then the file holds all it printed
+            data = os.pread(self._out.fileno(), READ_MAP, self._pos)
+            if data:
+                self._pos += len(data)
+                extents = self._parse(data)
+                if extents or not wait:
+                    return extents
+            elif exited:
+                self._end()
+            elif not wait:
+                return []
+            else:
+                time.sleep(0.002)
+        return None
+
+    def _parse(self, data: bytes) -> list[HostExtent]:
+        extents, self._rest = split_map_output(self._rest + data)
+        return extents
+
+    def _end(self) -> None:
+        self._ended = True
+        if self._proc.wait() != 0:
+            self._err.seek(0)
+            msg = self._err.read().decode(errors="replace").strip()
+            raise QemuError(f"qemu-img map failed (exit {self._proc.returncode}): {msg}")
+        if self._rest.strip() != b"]":
+            raise QemuError(f"qemu-img map printed an unexpected map: ends with {self._rest[-100:]!r}")
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._out.close()
+        self._err.close()
 
 
 def _daemon_env() -> dict[str, str]:

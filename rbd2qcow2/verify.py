@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import stat
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +28,16 @@ from typing import TYPE_CHECKING, Any
 from . import manifest as mf
 from . import names, qemu
 from .activity import LATEST
+from .background import Later, in_parallel
 from .chain import orphan_files
-from .checksums import BLOCK_SIZE, file_sha256, read_records, unpack_records, zero_digest
+from .checksums import BLOCK_SIZE, file_sha256, read_records
+from .deepcheck import Checker, MappedChain, NullSink, check_point
 from .errors import Error, Locked
 from .extents import Chunk, Kind, sample_ranges
 from .fsutil import chain_lock
-from .nbdio import Connection
-from .pipeline import Transfer
 from .progress import Progress
 from .qcow2 import check_header, read_header
 from .refs import parse_ref, select
-from .restore import allocated_chunks
 from .target import iter_chains, open_target
 
 if TYPE_CHECKING:
@@ -160,40 +158,69 @@ class ChainVerifier:
         self.report = report
         self.cluster = cluster
         self.image = str(m.image)
+        self._ahead: dict[str, _Ahead] = {}
 
     def problem(self, what: str, **kw: Any) -> None:
-        p = Problem(self.image, what, **kw)
-        logger.error("%s", p)
-        self.report.problems.append(p)
+        self._emit([Problem(self.image, what, **kw)])
+
+    def _emit(self, problems: list[Problem]) -> None:
+        for p in problems:
+            logger.error("%s", p)
+        self.report.problems += problems
 
     def run(self, point_ids: list[str]) -> None:
-        broken = (
-            self.structure(None if self.opts.check_all_layers else set(point_ids)) if self.opts.structure else set()
-        )
+        try:
+            self._run(point_ids)
+        finally:
+            for ahead in self._ahead.values():
+                ahead.close()
+            self._ahead.clear()
+
+    def _run(self, point_ids: list[str]) -> None:
+        """Structure, then each point's content and source.
+
+        qemu-img check of the layers runs in the background; meanwhile the
+        first point whose files are safe to open (headers and checksum files
+        good) is deep-checked, and its problems are held back until the
+        structure's are known (and dropped if its chain turns out broken,
+        as a broken chain's content is not checked).
+        """
+        held: dict[str, list[Problem]] = {}
+        broken: set[str] = set()
+        if self.opts.structure:
+            files = self._files()
+            unsafe = {pid for pid, found in files.items() if any(found)}
+            checks = self._checks(unsafe, None if self.opts.check_all_layers else set(point_ids))
+            if self.opts.deep:
+                first = self._look_ahead(point_ids, unsafe)
+                if first is not None:
+                    held[first] = self.deep(first, on_mapped=checks.start)
+            broken = self._structure(files, checks.result())
         damaged: set[str] = set()
-        for pid in point_ids:
+        for i, pid in enumerate(point_ids):
             self.report.points_checked += 1
-            chain = [p.id for p in self.m.chain_of(pid)]
-            if broken & set(chain):
+            if broken & {p.id for p in self.m.chain_of(pid)}:
                 damaged.add(pid)
                 continue  # its files are unsafe to open; already reported
             before = len(self.report.problems)
             if self.opts.deep:
-                self.deep(pid)
+                self._emit(held.pop(pid) if pid in held else self._deep_next(point_ids[i:], broken))
             if self.opts.source:
                 self.source(pid)
             if len(self.report.problems) > before:
                 damaged.add(pid)
         self._flag(damaged)
 
-    # -- structure --
-    def structure(self, layers: set[str] | None = None) -> set[str]:
-        """Headers, qemu-img check, checksum files, orphans, modes; returns points with bad files.
+    def _deep_next(self, point_ids: Sequence[str], broken: set[str]) -> list[Problem]:
+        """Deep-check the first of ``point_ids`` while qemu maps the next one to check."""
+        pid = self._look_ahead(point_ids, broken)
+        self._look_ahead(point_ids[1:], broken)
+        assert pid == point_ids[0]
+        return self.deep(pid)
 
-        ``layers`` limits ``qemu-img check`` to those points' files (headers and
-        checksum files of every point are still checked).
-        """
-        broken: set[str] = set()
+    # -- structure --
+    def _files(self) -> dict[str, tuple[str | None, str | None]]:
+        """Reports what is wrong with the directory; returns each point's header and checksum file problem."""
         if self.m.pending is not None:
             self.problem("an interrupted prune is pending (the next prune or backup finishes it)")
         self._modes()
@@ -205,9 +232,38 @@ class ChainVerifier:
             orphans = []
         for name in orphans:
             self.problem("file not named by the manifest", file=name)
+        return {p.id: (self._header_problem(p), self._sums_problem(p)) for p in self.m.points}
+
+    def _checks(self, unsafe: set[str], layers: set[str] | None) -> Later[dict[str, Error | None]]:
+        """``qemu-img check`` of the layers (of ``layers``) whose files are safe, in parallel, once started."""
+        checked = [p for p in self.m.points if p.id not in unsafe and (layers is None or p.id in layers)]
+
+        def check(p: mf.Point) -> Error | None:
+            try:
+                qemu.check_layer(self.dir / p.file)
+            except Error as exc:
+                return exc
+            return None
+
+        def check_all() -> dict[str, Error | None]:
+            errors = in_parallel(check, checked, self.opts.parallel, "check")
+            return {p.id: error for p, error in zip(checked, errors, strict=True)}
+
+        return Later(check_all, "checks")
+
+    def _structure(self, files: dict[str, tuple[str | None, str | None]], checks: dict[str, Error | None]) -> set[str]:
+        """Reports the points' file problems, in order; returns the points with one."""
+        broken: set[str] = set()
         for p in self.m.points:
-            if not self._layer_ok(p, deep=layers is None or p.id in layers) or not self._sums_ok(p):
-                broken.add(p.id)
+            header, sums = files[p.id]
+            if (what := header or _message(checks.get(p.id))) is not None:
+                self.problem(what, point=p.id, file=p.file)
+            elif sums is not None:
+                assert p.checksums is not None
+                self.problem(sums, point=p.id, file=p.checksums.file)
+            else:
+                continue
+            broken.add(p.id)
         return broken
 
     def _modes(self) -> None:
@@ -219,59 +275,95 @@ class ChainVerifier:
             elif stat.S_IMODE(mode) & 0o077:
                 self.problem(f"readable or writable by others (mode {stat.S_IMODE(mode):o})", file=path.name)
 
-    def _layer_ok(self, p: mf.Point, *, deep: bool) -> bool:
+    def _header_problem(self, p: mf.Point) -> str | None:
         parent = self.m.point(p.parent).file if p.parent else None
         path = self.dir / p.file
         try:
             check_header(read_header(path), where=str(path), expected_backing=parent, size=p.size)
-            if deep:
-                qemu.check_layer(path)
         except Error as exc:
-            self.problem(str(exc), point=p.id, file=p.file)
-            return False
-        return True
+            return str(exc)
+        return None
 
-    def _sums_ok(self, p: mf.Point) -> bool:
+    def _sums_problem(self, p: mf.Point) -> str | None:
         if p.checksums is None:
-            return True
-        path = self.dir / p.checksums.file
+            return None
         try:
-            actual = file_sha256(path)
+            actual = file_sha256(self.dir / p.checksums.file)
         except OSError as exc:
-            self.problem(f"checksum file unreadable: {exc.strerror}", point=p.id, file=p.checksums.file)
-            return False
+            return f"checksum file unreadable: {exc.strerror}"
         if actual != p.checksums.sha256:
-            self.problem("checksum file does not match the manifest", point=p.id, file=p.checksums.file)
-            return False
-        return True
+            return "checksum file does not match the manifest"
+        return None
 
     # -- content --
-    def expected(self, pid: str) -> tuple[dict[int, bytes], dict[int, str]]:
-        """Expected digest per block of a point, and the layer file that recorded it."""
+    def expected(self, pid: str) -> dict[int, bytes]:
+        """Expected digest per block of a point (the blocks that some layer of its chain recorded)."""
         digests: dict[int, bytes] = {}
+        size = 0
+        for layer in self.m.chain_of(pid):
+            if layer.size < size:
+                limit = -(-layer.size // BLOCK_SIZE)
+                for index in [i for i in digests if i >= limit]:
+                    del digests[index]
+            size = layer.size
+            if layer.checksums is not None:
+                digests.update(read_records(self.dir / layer.checksums.file))
+        return digests
+
+    def owners(self, pid: str, blocks: set[int]) -> dict[int, str]:
+        """The layer file that recorded the expected digest of each of ``blocks``."""
         owner: dict[int, str] = {}
         for layer in self.m.chain_of(pid):
             limit = -(-layer.size // BLOCK_SIZE)
-            for index in [i for i in digests if i >= limit]:
-                del digests[index], owner[index]
-            if layer.checksums is None:
-                continue
-            for index, digest in read_records(self.dir / layer.checksums.file):
-                digests[index] = digest
-                owner[index] = layer.file
-        return digests, owner
+            for index in [i for i in owner if i >= limit]:
+                del owner[index]
+            if layer.checksums is not None:
+                owner.update((i, layer.file) for i, _ in read_records(self.dir / layer.checksums.file) if i in blocks)
+        return owner
 
-    def deep(self, pid: str) -> None:
-        point = self.m.point(pid)
-        files = [self.dir / p.file for p in self.m.chain_of(pid)]
-        digests, owner = self.expected(pid)
-        export = self.daemon.export_chain(files, writable=False)
+    def _look_ahead(self, point_ids: Sequence[str], broken: set[str]) -> str | None:
+        """Have qemu map the next point to deep-check while this process works, and load its checksums."""
+        pid = next((p for p in point_ids if not broken & {q.id for q in self.m.chain_of(p)}), None)
+        if pid is not None and pid not in self._ahead:
+            self._ahead[pid] = self._prepare(pid)
+        return pid
+
+    def _prepare(self, pid: str) -> _Ahead:
         try:
-            with Connection(export.socket, export.name) as mapper:
-                chunks = list(allocated_chunks(mapper, point.size))
-            self._compare(point, chunks, lambda: Connection(export.socket, export.name), digests, owner, "content")
+            chain: MappedChain | BaseException = MappedChain([self.dir / p.file for p in self.m.chain_of(pid)])
+        except (OSError, Error) as exc:
+            chain = exc
+        try:
+            return _Ahead(chain, self.expected(pid))
+        except (OSError, Error) as exc:
+            return _Ahead(chain, exc)
+
+    def deep(self, pid: str, on_mapped: Callable[[], None] = lambda: None) -> list[Problem]:
+        """The point's content problems (not reported yet); ``on_mapped`` is called once qemu has mapped it."""
+        point = self.m.point(pid)
+        ahead = self._ahead.pop(pid, None) or self._prepare(pid)
+        try:
+            if isinstance(ahead.expected, BaseException):
+                return [Problem(self.image, f"cannot read the checksums: {_message(ahead.expected)}", point=pid)]
+            checker = Checker(ahead.expected, point.size)
+            with Progress(f"verify {self.image}@{pid}", point.size, enabled=self.opts.progress) as bar:
+                if isinstance(ahead.chain, BaseException):
+                    raise ahead.chain
+                self.report.bytes_read += check_point(
+                    ahead.chain,
+                    point.size,
+                    checker,
+                    self.daemon,
+                    workers=self.opts.parallel,
+                    progress=bar.update,
+                    on_mapped=on_mapped,
+                )
+        except (OSError, Error) as exc:  # qemu cannot map or read the chain: damage, too
+            return [Problem(self.image, f"cannot read the chain: {_message(exc)}", point=pid, file=point.file)]
         finally:
-            self.daemon.remove_export(export)
+            ahead.close()
+            on_mapped()
+        return self._differ(point, checker.bad, "content")
 
     def source(self, pid: str) -> None:
         point = self.m.point(pid)
@@ -287,14 +379,13 @@ class ChainVerifier:
             return
         regions = sample_ranges([(0, point.size)], self.opts.sample, SOURCE_REGION, random.Random())
         chunks = [Chunk(s, e - s, Kind.READ) for start, end in regions for s, e in _split(start, end)]
-        digests, owner = self.expected(pid)
+        digests = self.expected(pid)
         cluster, spec = self.cluster, self.m.image
         self._compare(
             point,
             chunks,
             lambda: cluster.image(spec, snapshot=point.snapshot.name, read_only=True),
             digests,
-            owner,
             "snapshot",
         )
 
@@ -304,16 +395,17 @@ class ChainVerifier:
         chunks: list[Chunk],
         open_reader: Callable[[], contextlib.AbstractContextManager[Any]],
         digests: dict[int, bytes],
-        owner: dict[int, str],
         what: str,
     ) -> None:
-        checker = _Checker(digests, point.size)
+        from .pipeline import Transfer  # here: a deep check rarely needs it, and it costs start-up time
+
+        checker = Checker(digests, point.size)
         with Progress(
             f"verify {self.image}@{point.id}", sum(c.length for c in chunks), enabled=self.opts.progress
         ) as bar:
             stats = Transfer(
                 open_reader=open_reader,
-                sink=_NullSink(),
+                sink=NullSink(),
                 sums=checker,
                 size=point.size,
                 workers=self.opts.parallel,
@@ -321,12 +413,18 @@ class ChainVerifier:
                 progress=bar.update,
             ).run(chunks)
         self.report.bytes_read += stats.read_bytes
-        for start, end in _block_runs(sorted(checker.bad)):
+        self._emit(self._differ(point, checker.bad, what))
+
+    def _differ(self, point: mf.Point, bad: set[int], what: str) -> list[Problem]:
+        """A problem per run of differing blocks, naming the layers that recorded them."""
+        owner = self.owners(point.id, bad) if bad else {}
+        problems = []
+        for start, end in _block_runs(sorted(bad)):
             files = sorted({owner.get(i, "(no layer: zeros expected)") for i in range(start, end)})
             region = (start * BLOCK_SIZE, min(end * BLOCK_SIZE, point.size))
-            self.problem(
-                f"{what} differs from the recorded checksums", point=point.id, file=", ".join(files), region=region
-            )
+            what_ = f"{what} differs from the recorded checksums"
+            problems.append(Problem(self.image, what_, point=point.id, file=", ".join(files), region=region))
+        return problems
 
     def _flag(self, damaged: set[str]) -> None:
         if not damaged:
@@ -347,34 +445,22 @@ class ChainVerifier:
             logger.warning("%s: could not flag damaged points in the manifest: %s", self.image, exc)
 
 
-class _NullSink:
-    """Verification reads only."""
+@dataclass
+class _Ahead:
+    """A point prepared for the deep check: its chain being mapped and its expected digests (or why not)."""
 
-    def for_thread(self) -> _NullSink:
-        return self
+    chain: MappedChain | BaseException
+    expected: dict[int, bytes] | BaseException
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        pass
-
-    def zero(self, length: int, offset: int) -> None:
-        pass
+    def close(self) -> None:
+        if isinstance(self.chain, MappedChain):
+            self.chain.close()
 
 
-class _Checker:
-    """A record sink that compares every block digest with the expected one."""
-
-    def __init__(self, digests: dict[int, bytes], size: int) -> None:
-        self._digests = digests
-        self._size = size
-        self.bad: set[int] = set()
-        self._lock = threading.Lock()
-
-    def add(self, seq: int, records: bytes) -> None:
-        for index, digest in unpack_records(records):
-            length = min(BLOCK_SIZE, self._size - index * BLOCK_SIZE)
-            if digest != self._digests.get(index, zero_digest(length)):
-                with self._lock:
-                    self.bad.add(index)
+def _message(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
 
 
 def _split(start: int, end: int, step: int = 4 << 20) -> Iterator[tuple[int, int]]:
