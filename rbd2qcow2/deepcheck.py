@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import xxhash
+
 from . import hashworker, qemu
 from .checksums import BLOCK_SIZE, ZERO_DIGEST, unpack_records, zero_digest
 from .checksums import digest as block_digest
@@ -402,7 +404,7 @@ class _Worker:
         self._fds = fds
         self._sent: list[HostRun] = []
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", hashworker.__file__],
+            [sys.executable, "-I", "-S", hashworker.__file__, str(Path(xxhash.__file__).parent.parent)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

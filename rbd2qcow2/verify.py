@@ -116,7 +116,7 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
     report = Report()
     cluster = _cluster(opts) if opts.source else None
     try:
-        with qemu.storage_daemon() as daemon:
+        with _DaemonOnDemand() as daemon:
             for directory, item in iter_chains(opts.target):
                 if isinstance(item, Error):
                     report.problems.append(Problem(str(directory), f"manifest: {item}", file=mf.NAME))
@@ -130,6 +130,18 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
         if cluster is not None:
             cluster.close()
     return report
+
+
+class _DaemonOnDemand(qemu.StorageDaemon):
+    """A storage daemon started on first use: deep checks need one only for blocks qemu maps without an offset."""
+
+    def __enter__(self) -> _DaemonOnDemand:
+        return self
+
+    def cmd(self, command: str, **args: Any) -> Any:
+        if self.pid is None:
+            self.start()
+        return super().cmd(command, **args)
 
 
 def _cluster(opts: VerifyOptions) -> Cluster:

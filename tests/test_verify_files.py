@@ -23,7 +23,7 @@ from rbd2qcow2.checksums import BLOCK_SIZE, OrderedWriter, block_records, digest
 from rbd2qcow2.deepcheck import Checker, MappedChain, check_point, plan_reads
 from rbd2qcow2.errors import Error
 from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.verify import ChainVerifier, Report, VerifyOptions
+from rbd2qcow2.verify import ChainVerifier, Report, VerifyOptions, _DaemonOnDemand
 
 B = BLOCK_SIZE
 KiB, MiB = 1 << 10, 1 << 20
@@ -247,13 +247,13 @@ def manifest(files: list[Path]) -> mf.Manifest:
     return m
 
 
-def verify(files: list[Path], daemon: qemu.StorageDaemon, *, structure: bool = True) -> Report:
+def verify(files: list[Path], daemon: qemu.StorageDaemon, *, structure: bool = True, ids: list[str] = IDS) -> Report:
     directory = files[0].parent
     report = Report()
     m = mf.load(directory)
     assert m is not None
     opts = VerifyOptions(target=directory.parent, deep=True, structure=structure)
-    ChainVerifier(directory, m, daemon, opts, report, None).run(IDS)
+    ChainVerifier(directory, m, daemon, opts, report, None).run(ids)
     return report
 
 
@@ -299,3 +299,13 @@ def test_verify_compressed_cluster(chain: list[Path], daemon: qemu.StorageDaemon
     flip(chain[2], compressed_offset(chain[2], COMPRESSED) + 3)
     report = verify(chain, daemon)
     assert [(p.point, p.file) for p in report.problems] == [(IDS[2], chain[2].name)], report.problems
+
+
+def test_the_daemon_starts_only_when_qemu_must_read(chain: list[Path]) -> None:
+    """Deep checks need qemu-storage-daemon only for blocks without a host offset (the base alone has none)."""
+    manifest(chain)
+    with _DaemonOnDemand() as daemon:
+        report = verify(chain[:1], daemon, ids=IDS[:1])
+        assert report.ok and daemon.pid is None
+        report = verify(chain, daemon)
+        assert report.ok and daemon.pid is not None
