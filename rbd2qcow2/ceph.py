@@ -31,6 +31,8 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 30
 CLAIM_LOCK = "rbd2qcow2"
 LOCK_FLAG_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW
+# librbd options for writing a whole image (read when an image is opened)
+BULK_WRITE_OPTIONS = {"rbd_cache": "false", "rbd_disable_zero_copy_writes": "false"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,32 @@ class Cluster:
                 yield RbdImage(img, f"{spec}" + (f"@{snapshot}" if snapshot else ""))
             finally:
                 img.close()
+
+    @contextlib.contextmanager
+    def image_for_bulk_writes(self, spec: ImageSpec) -> Iterator[RbdImage]:
+        """The image opened for writing it whole with :class:`AsyncWrites`: no librbd cache.
+
+        While a cache is on, librbd copies every write's buffer; without it,
+        an aio write is sent from the caller's buffer, which
+        :class:`AsyncWrites` keeps until the write completes.  librbd reads
+        the options again whenever it refreshes the image (the first write
+        takes the exclusive lock and refreshes), so they are set on this
+        connection for as long as the image is open, and put back after.
+        """
+        with self._options(BULK_WRITE_OPTIONS), self.image(spec) as img:
+            yield img
+
+    @contextlib.contextmanager
+    def _options(self, options: dict[str, str]) -> Iterator[None]:
+        saved = {key: str(self._rados.conf_get(key)) for key in options}
+        try:
+            for key, value in options.items():
+                _wrap(f"option {key}", functools.partial(self._rados.conf_set, key, value))
+            yield
+        finally:
+            for key, value in saved.items():
+                with contextlib.suppress(rados.Error):
+                    self._rados.conf_set(key, value)
 
     def exists(self, spec: ImageSpec) -> bool:
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
@@ -251,21 +279,24 @@ class RbdImage:
     def object_size(self) -> int:
         return int(_wrap(self.label, self._img.stat)["obj_size"])
 
-    def async_writes(self, depth: int, timeout: float = 300.0) -> AsyncWrites:
-        """A writer that keeps up to ``depth`` writes in flight on this handle."""
-        return AsyncWrites(self._img, self.label, depth, timeout)
+    def async_writes(self, depth: int, max_bytes: int, timeout: float = 300.0) -> AsyncWrites:
+        """A writer that keeps up to ``depth`` writes and ``max_bytes`` in flight on this handle."""
+        return AsyncWrites(self._img, self.label, depth, max_bytes, timeout)
 
     def read_many(self, ranges: list[tuple[int, int]], timeout: float = 60.0) -> list[bytes]:
         """Read several ``(start, end)`` ranges with all requests in flight at once."""
         results: list[bytes | None] = [None] * len(ranges)
-        errors: list[int] = []
+        errors: list[int | str] = []
         done = threading.Semaphore(0)
 
         def finish(i: int) -> Callable[[Any, Any], None]:
             def cb(completion: Any, data: Any) -> None:
                 ret = completion.get_return_value()
+                start, end = ranges[i]
                 if ret < 0:
                     errors.append(ret)
+                elif data is None or len(data) != end - start:
+                    errors.append(f"short read at {start}")
                 else:
                     results[i] = bytes(data)
                 done.release()
@@ -291,69 +322,78 @@ class RbdImage:
 
 
 class AsyncWrites:
-    """Writes into one open image with at most ``depth`` requests in flight (``aio_write``).
+    """Writes into one open image, several in flight (``aio_write``), bounded in count and bytes.
 
-    Any thread may submit.  librbd runs the completion callbacks on its own
-    thread with the GIL held, so they only count and note the first failure;
-    that failure is raised as :class:`CephError` by the next :meth:`pwrite`
-    or :meth:`zero`, or by :meth:`wait`.  A request's buffer stays referenced
-    until librbd has completed it.  Every wait has a timeout: a write that
-    never completes is an error, not a hang.
+    Any thread may submit; a submit waits while ``depth`` requests or
+    ``max_bytes`` of data are in flight.  librbd runs the completion
+    callbacks on its own thread with the GIL held, so they only count and
+    note the first failure; that failure is raised as :class:`CephError` by
+    the next submit or by :meth:`wait`.  A request's buffer stays referenced
+    until librbd has completed it (librbd may send it without a copy).
+    Every wait has a timeout: a write that never completes is an error, not
+    a hang.
     """
 
-    def __init__(self, img: Any, label: str, depth: int, timeout: float) -> None:
+    def __init__(self, img: Any, label: str, depth: int, max_bytes: int, timeout: float) -> None:
         self._img = img
         self._label = label
         self._depth = max(1, depth)
+        self._max_bytes = max_bytes
         self._timeout = timeout
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._in_flight = 0
+        self._bytes = 0
         self._failure: str | None = None
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Writer protocol of the pipeline: queue a write (a view of part of a buffer is copied)."""
-        buf = _whole_bytes(data)
-        self._submit(
-            _Request(self, f"write {len(buf)} at {offset}", buf), lambda req: self._img.aio_write(buf, offset, req)
-        )
+        buf = _whole_buffer(data)
+        req = _Request(self, f"write {len(buf)} at {offset}", buf, len(buf))
+        self._submit(req, lambda: self._img.aio_write(buf, offset, req))
 
     def zero(self, length: int, offset: int) -> None:
         """Queue a write-zeroes: ``[offset, offset+length)`` reads as zeros."""
-        req = _Request(self, f"write zeroes {length} at {offset}", None)
-        self._submit(req, lambda req: self._img.aio_write_zeroes(offset, length, req))
+        req = _Request(self, f"write zeroes {length} at {offset}", None, 0)
+        self._submit(req, lambda: self._img.aio_write_zeroes(offset, length, req))
 
     def wait(self) -> None:
         """Wait until nothing is in flight, then raise the first failure, if any."""
-        self._wait_below(1)
+        with self._cond:
+            self._wait_until(lambda: self._in_flight == 0)
         self._raise_failure()
 
     def settle(self) -> None:
         """Wait until nothing is in flight, after a failure elsewhere; raises nothing."""
-        with contextlib.suppress(CephError):
-            self._wait_below(1)
+        with self._cond, contextlib.suppress(CephError):
+            self._wait_until(lambda: self._in_flight == 0)
 
-    def _submit(self, req: _Request, start: Callable[[_Request], Any]) -> None:
+    def _submit(self, req: _Request, start: Callable[[], Any]) -> None:
         self._raise_failure()
-        self._wait_below(self._depth)
         with self._cond:
+            self._wait_until(lambda: self._in_flight == 0 or self._room_for(req.size))
             self._in_flight += 1
+            self._bytes += req.size
         try:
-            _wrap(f"{self._label}: {req.what}", lambda: start(req))
+            _wrap(f"{self._label}: {req.what}", start)
         except BaseException:
-            self._completed(None)
+            self._completed(req, None)
             raise
 
-    def _completed(self, failure: str | None) -> None:
+    def _room_for(self, size: int) -> bool:
+        return self._in_flight < self._depth and self._bytes + size <= self._max_bytes
+
+    def _completed(self, req: _Request, failure: str | None) -> None:
         with self._cond:
             if failure is not None and self._failure is None:
                 self._failure = failure
             self._in_flight -= 1
+            self._bytes -= req.size
             self._cond.notify_all()
 
-    def _wait_below(self, limit: int) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._in_flight < limit, timeout=self._timeout):
-                raise CephError(f"{self._label}: no write completed in {self._timeout:.0f} s")
+    def _wait_until(self, ready: Callable[[], bool]) -> None:
+        """With the lock held."""
+        if not self._cond.wait_for(ready, timeout=self._timeout):
+            raise CephError(f"{self._label}: no write completed in {self._timeout:.0f} s")
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -361,23 +401,23 @@ class AsyncWrites:
 
 
 class _Request:
-    """One request in flight; called by librbd on completion.  Holds the buffer until then."""
+    """One request in flight; librbd calls it on completion.  Holds the buffer until then."""
 
-    __slots__ = ("buf", "owner", "what")
+    __slots__ = ("buf", "owner", "size", "what")
 
-    def __init__(self, owner: AsyncWrites, what: str, buf: bytes | None) -> None:
-        self.owner, self.what, self.buf = owner, what, buf
+    def __init__(self, owner: AsyncWrites, what: str, buf: bytes | bytearray | None, size: int) -> None:
+        self.owner, self.what, self.buf, self.size = owner, what, buf, size
 
     def __call__(self, completion: Any) -> None:
         ret = completion.get_return_value()
-        self.owner._completed(f"{self.what}: {os.strerror(-ret)}" if ret < 0 else None)
+        self.owner._completed(self, f"{self.what}: {os.strerror(-ret)}" if ret < 0 else None)
         self.buf = None
 
 
-def _whole_bytes(data: bytes | memoryview) -> bytes:
-    """``data`` as bytes, without a copy when it is a view of a whole bytes object."""
-    if isinstance(data, bytes):
+def _whole_buffer(data: bytes | bytearray | memoryview) -> bytes | bytearray:
+    """``data`` as bytes or bytearray, without a copy unless it is a view of part of a buffer."""
+    if isinstance(data, bytes | bytearray):
         return data
-    if isinstance(data.obj, bytes) and data.nbytes == len(data.obj) and data.contiguous:
+    if isinstance(data.obj, bytes | bytearray) and data.nbytes == len(data.obj) and data.contiguous:
         return data.obj
     return bytes(data)

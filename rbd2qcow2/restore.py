@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import manifest as mf
 from . import qemu
@@ -25,7 +27,6 @@ from .faults import crashpoint
 from .fsutil import DIR_MODE, FILE_MODE, fsync_dir, fsync_file
 from .names import ImageSpec, parse_spec
 from .nbdio import Connection
-from .pipeline import NoRecords, Transfer
 from .progress import Progress
 from .refs import parse_ref, select
 from .target import chain_dir, open_target
@@ -37,7 +38,11 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("raw", "qcow2")
 MAP_WINDOW = 1 << 30
-WRITE_DEPTH = 16  # RBD writes in flight (rbd import keeps 10)
+WRITE_DEPTH = 32  # RBD writes in flight at most (rbd import keeps 10)
+WRITE_BYTES = 64 << 20  # and bytes in flight at most
+ZERO_BLOCK = 64 << 10  # zero detection granularity: the qcow2 cluster
+POLL = 0.1
+JOIN_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -115,21 +120,6 @@ def make_overlay(loc: Located, new: Path) -> None:
 # -- RBD --------------------------------------------------------------------------
 
 
-class _SharedWriter:
-    """Sink protocol of the pipeline: every writer thread submits to one :class:`AsyncWrites`.
-
-    One image handle for all threads: a handle per thread made each its own
-    exclusive-lock owner, and the lock went back and forth between them on
-    every write (measured: 2,079 lock transfers, a restore 2.4x slower).
-    """
-
-    def __init__(self, writes: AsyncWrites) -> None:
-        self._writes = writes
-
-    def for_thread(self) -> AsyncWrites:
-        return self._writes
-
-
 def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool, parallel: int, progress: bool) -> None:
     """Write the point into ``dest``; a failed restore removes an image it created."""
     exists = cluster.exists(dest)
@@ -162,21 +152,19 @@ def _transfer_to_rbd(
     loc: Located, dest: ImageSpec, cluster: Cluster, *, overwrite: bool, parallel: int, progress: bool
 ) -> None:
     size = loc.point.size
-    with qemu.storage_daemon() as daemon, cluster.image(dest) as img:
+    with qemu.storage_daemon() as daemon, cluster.image_for_bulk_writes(dest) as img:
         export = daemon.export_chain(loc.files, writable=False)
-        writes = img.async_writes(WRITE_DEPTH)
+        writes = img.async_writes(WRITE_DEPTH, WRITE_BYTES)
         try:
             with Progress(str(dest), size, enabled=progress) as bar, Connection(export.socket, export.name) as mapper:
-                Transfer(
-                    open_reader=lambda: Connection(export.socket, export.name),
-                    sink=_SharedWriter(writes),
-                    sums=NoRecords(),
-                    size=size,
-                    workers=parallel,
-                    hide_zeros=overwrite,
+                copier = _Copier(
+                    lambda: Connection(export.socket, export.name),
+                    writes,
+                    readers=parallel,
+                    overwrite=overwrite,
                     progress=bar.update,
-                    fault=_mid_restore_fault,
-                ).run(allocated_chunks(mapper, size, bar.skip, img.object_size()))
+                )
+                copier.run(allocated_chunks(mapper, size, img.object_size()))
             writes.wait()
             img.flush()
         except BaseException:
@@ -185,10 +173,137 @@ def _transfer_to_rbd(
         daemon.remove_export(export)
 
 
-def allocated_chunks(
-    conn: Connection, size: int, skip: Callable[[int], None] = lambda n: None, align: int = 4 << 20
-) -> Iterator[Chunk]:
-    """Requests covering an export by its allocation map: data to read, zeros not to (``skip`` counts them).
+class Source(Protocol):
+    """What a reader thread of :class:`_Copier` reads from (an NBD :class:`Connection`)."""
+
+    def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+
+class _Copier:
+    """Copies planned chunks from an NBD export into RBD, from ``read-N`` threads.
+
+    Each reader thread owns an NBD connection: it reads a chunk (at most one
+    RBD object), and submits the data to the shared :class:`AsyncWrites`,
+    which keeps the writes in flight.  All-zero blocks are not written into a
+    new image (it reads as zeros already); over an existing image they become
+    write-zeroes, like the zero chunks of the plan, which the main thread
+    submits itself.  The main thread feeds a bounded queue and re-raises the
+    first failure of any reader; a failure or a signal drops queued work.
+    """
+
+    def __init__(
+        self,
+        open_reader: Callable[[], contextlib.AbstractContextManager[Source]],
+        writes: AsyncWrites,
+        *,
+        readers: int,
+        overwrite: bool,
+        progress: Callable[[int], None],
+    ) -> None:
+        self._open_reader = open_reader
+        self._writes = writes
+        self._readers = max(1, readers)
+        self._overwrite = overwrite
+        self._progress = progress
+        self._todo: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * self._readers)
+        self._done: queue.Queue[int] = queue.Queue()
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+
+    def run(self, chunks: Iterable[Chunk]) -> None:
+        threads: list[threading.Thread] = []
+        try:
+            for seq, chunk in enumerate(chunks):
+                _mid_restore_fault(seq)
+                if chunk.kind is Kind.ZERO:
+                    if self._overwrite:
+                        self._writes.zero(chunk.length, chunk.offset)
+                    self._progress(chunk.length)
+                    continue
+                if len(threads) < self._readers and (not threads or self._todo.qsize() > 0):
+                    threads.append(_start(self._reader, f"read-{len(threads)}"))
+                self._put(chunk)
+            for _ in threads:
+                self._put(None)
+            while any(t.is_alive() for t in threads):
+                self._check()
+                time.sleep(POLL)
+            self._check()
+        except BaseException:
+            self._stop.set()  # a reader failed, or a signal: queued work is dropped
+            raise
+        finally:
+            self._stop_readers(threads)
+
+    def _put(self, item: Chunk | None) -> None:
+        while True:
+            self._check()
+            try:
+                self._todo.put(item, timeout=POLL)
+                return
+            except queue.Full:
+                continue
+
+    def _check(self) -> None:
+        """Progress so far; the first failure of a reader is raised here."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._progress(self._done.get_nowait())
+        if self._errors:
+            raise self._errors[0]
+
+    def _stop_readers(self, threads: list[threading.Thread]) -> None:
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Full):
+                self._todo.put_nowait(None)  # readers drop queued chunks once stopped
+            time.sleep(0.01)  # polled, not joined (CPython gh-90882, see pipeline)
+        for t in threads:
+            if t.is_alive():
+                logger.error("thread %s did not stop", t.name)
+
+    def _reader(self) -> None:
+        try:
+            with self._open_reader() as conn:
+                while (chunk := self._todo.get()) is not None:
+                    if not self._stop.is_set():
+                        self._copy(conn, chunk)
+        except BaseException as exc:  # carried to the main thread
+            self._errors.append(exc)
+            self._stop.set()
+
+    def _copy(self, conn: Source, chunk: Chunk) -> None:
+        data = conn.read(chunk.offset, chunk.length)
+        for start, end, zero in block_runs(data, ZERO_BLOCK):
+            if not zero:
+                self._writes.pwrite(data if end - start == len(data) else data[start:end], chunk.offset + start)
+            elif self._overwrite:
+                self._writes.zero(end - start, chunk.offset + start)
+        self._done.put(chunk.length)
+
+
+def block_runs(data: bytes | bytearray, block: int) -> list[tuple[int, int, bool]]:
+    """``(start, end, all_zero)`` runs of ``data`` in whole blocks (the last may be shorter)."""
+    zero = bytes(block)
+    runs: list[tuple[int, int, bool]] = []
+    for pos in range(0, len(data), block):
+        end = min(pos + block, len(data))
+        is_zero = data.startswith(zero if end - pos == block else zero[: end - pos], pos)
+        if runs and runs[-1][2] == is_zero:
+            runs[-1] = (runs[-1][0], end, is_zero)
+        else:
+            runs.append((pos, end, is_zero))
+    return runs
+
+
+def _start(target: Callable[[], None], name: str) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def allocated_chunks(conn: Connection, size: int, align: int = 4 << 20) -> Iterator[Chunk]:
+    """Requests covering an export by its allocation map: data to read, and zeros.
 
     Reads are cut at multiples of ``align`` (the RBD object size), so that
     each write goes to one object.
@@ -196,7 +311,6 @@ def allocated_chunks(
     for start, end in windows(size, MAP_WINDOW):
         runs = conn.allocation(start, end - start)
         chunks = plan((Extent(off, ln, not zero) for off, ln, zero in runs), start=start, end=end, max_read=align)
-        skip(sum(c.length for c in chunks if c.kind is Kind.ZERO))
         yield from split_at(chunks, align)
 
 
