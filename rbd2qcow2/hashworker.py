@@ -1,16 +1,17 @@
-"""A helper process for ``verify --deep``: hashes the 64 KiB blocks of file ranges.
+"""A helper process for ``verify --deep``: hashes the 64 KiB blocks of ranges of files.
 
-Run as a script, ``python -I -S hashworker.py DIR`` where ``DIR`` holds the
-xxhash package (the package imports this module only for :data:`RANGE`
-and its path): it starts in about 10 ms because it skips ``site`` and
-imports only the standard library and xxhash.  The deep check
+Run as a script, ``python -I -S hashworker.py DIR FD...`` where ``DIR``
+holds the xxhash package and the ``FD`` are inherited descriptors of the
+layer files, base first (the package imports this module only for
+:data:`RUN` and its path).  It starts in about 10 ms because it skips
+``site`` and imports only the standard library and xxhash.  The deep check
 hands it part of a point, to hash on another core while it hashes the rest
 itself: xxhash holds the GIL for blocks of 64 KiB, so threads would not help.
 
-Input on stdin, as it comes: records ``<iQQ`` (an inherited file
-descriptor, an offset, a length), each range inside its file.  Output on
-stdout, after the end of the input: the XXH3-128 digest of each 64 KiB
-piece of each range, in order (the last piece of a range may be shorter).
+Input on stdin, as it comes: records :data:`RUN` (layer index, offset,
+first block, length), each range inside its file.  Output on stdout, after
+the end of the input: the XXH3-128 digest of each 64 KiB piece of each
+range, in order (the last piece of a range may be shorter).
 """
 
 from __future__ import annotations
@@ -26,39 +27,39 @@ if __name__ == "__main__":
 
 import xxhash  # after the path is set
 
-RANGE = struct.Struct("<iQQ")
+RUN = struct.Struct("<IQQQ")  # a deepcheck.HostRun: layer, offset, block, length
 BLOCK_SIZE = 65536
 DROP_EVERY = 64 << 20  # bytes hashed between drops of the mapped pages (keeps the RSS flat)
 
 
-def main() -> int:
+def main(fds: list[int]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C ends the parent's verify; no traceback here
-    digest = xxhash.xxh3_128_digest
-    maps: dict[int, mmap.mmap] = {}
-    views: dict[int, memoryview] = {}
+    maps = [mmap.mmap(fd, size, prot=mmap.PROT_READ) if (size := os.fstat(fd).st_size) else None for fd in fds]
+    views = [memoryview(m) if m is not None else memoryview(b"") for m in maps]
     out = bytearray()
     rest = b""
     since_drop = 0
     while chunk := os.read(0, 1 << 16):
         data = rest + chunk
-        end = len(data) - len(data) % RANGE.size
+        end = len(data) - len(data) % RUN.size
         rest = data[end:]
-        for fd, offset, length in RANGE.iter_unpack(data[:end]):
-            view = views.get(fd)
-            if view is None:
-                maps[fd] = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
-                view = views[fd] = memoryview(maps[fd])
-            stop = offset + length
-            for pos in range(offset, stop, BLOCK_SIZE):
-                out += digest(view[pos : min(pos + BLOCK_SIZE, stop)])
+        for layer, offset, _, length in RUN.iter_unpack(data[:end]):
+            view = views[layer][offset : offset + length]
+            out += b"".join(map(xxhash.xxh3_128_digest, map(view.__getitem__, pieces(length))))
             since_drop += length
             if since_drop >= DROP_EVERY:
-                for each in maps.values():
-                    each.madvise(mmap.MADV_DONTNEED)  # the page cache stays; only our mappings of it go
+                for m in maps:
+                    if m is not None:
+                        m.madvise(mmap.MADV_DONTNEED)  # the page cache stays; only our mappings of it go
                 since_drop = 0
     sys.stdout.buffer.write(out)
     return 0
 
 
+def pieces(length: int) -> map[slice]:
+    """The slices of the 64 KiB pieces of ``length`` bytes."""
+    return map(slice, range(0, length, BLOCK_SIZE), range(BLOCK_SIZE, length + BLOCK_SIZE, BLOCK_SIZE))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main([int(fd) for fd in sys.argv[2:]]))

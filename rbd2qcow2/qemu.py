@@ -201,7 +201,7 @@ def _host_extents(text: str | bytes) -> list[HostExtent]:
         raise QemuError(f"qemu-img map printed an unexpected map: {exc!r}") from exc
 
 
-READ_MAP = 1 << 18  # bytes of map output parsed per read: about 2,000 extents, a few milliseconds
+READ_MAP = 1 << 16  # bytes of map output parsed per read: about 500 extents, a few milliseconds
 
 
 def split_map_output(buf: bytes) -> tuple[list[HostExtent], bytes]:
