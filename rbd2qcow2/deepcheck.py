@@ -19,13 +19,14 @@ import collections
 import contextlib
 import fcntl
 import itertools
+import logging
 import mmap
 import os
 import subprocess
 import sys
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,9 +36,9 @@ import xxhash
 from . import hashworker, qemu
 from .checksums import BLOCK_SIZE, ZERO_DIGEST, unpack_records, zero_digest
 from .checksums import digest as block_digest
-from .errors import Error
 from .extents import Chunk, Kind
 
+logger = logging.getLogger(__name__)
 QEMU_REQUEST = 4 << 20  # bytes per NBD read of the blocks qemu reads
 HASH_STEP = 8 << 20  # bytes hashed between looks at qemu's map output
 MAPPED_LIMIT = 64 << 20  # bytes hashed between drops of the mapped pages (keeps the RSS flat)
@@ -265,7 +266,10 @@ def check_point(
                 worker.take(backlog)
             files.hash(backlog, checker, progress, HASH_STEP)
         if worker is not None:
-            for run, digests in worker.digests():
+            done = worker.digests()
+            if done is None:  # the helper failed: its share is hashed here, a tool's failure is no damage
+                files.hash(collections.deque(worker.sent), checker, progress, sum(r.length for r in worker.sent))
+            for run, digests in done or []:
                 checker.check_digests(run.block, digests)
                 progress(run.length)
     plan = planner.finish()
@@ -407,7 +411,7 @@ class _Worker:
 
     def __init__(self, fds: Sequence[int]) -> None:
         self._fds = fds
-        self._sent: list[HostRun] = []
+        self.sent: list[HostRun] = []
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", hashworker.__file__, str(Path(xxhash.__file__).parent.parent), *map(str, fds)],
             stdin=subprocess.PIPE,
@@ -441,21 +445,19 @@ class _Worker:
                 runs.extend(reversed(batch))
                 self._open = not isinstance(exc, BrokenPipeError)
                 return
-            self._sent += batch
+            self.sent += batch
 
-    def digests(self) -> Iterator[tuple[HostRun, bytes]]:
-        """Each run handed over, with the digests of its blocks; waits for the helper to finish."""
+    def digests(self) -> list[tuple[HostRun, bytes]] | None:
+        """Each run handed over with the digests of its blocks, once the helper is done; ``None`` if it failed."""
         self._open = False
         out, err = self._proc.communicate()  # closes its input: the helper finishes and writes the digests
-        if self._proc.returncode != 0:
-            raise Error(f"the hashing helper failed (exit {self._proc.returncode}): {err.decode(errors='replace')}")
-        pos = 0
-        for run in self._sent:
-            n = -(-run.length // BLOCK_SIZE) * DIGEST_SIZE
-            if pos + n > len(out):
-                raise Error("the hashing helper returned too few digests")
-            yield run, out[pos : pos + n]
-            pos += n
+        sizes = [-(-run.length // BLOCK_SIZE) * DIGEST_SIZE for run in self.sent]
+        if self._proc.returncode != 0 or len(out) != sum(sizes):
+            why = err.decode(errors="replace").strip() or f"{len(out)} bytes of digests"
+            logger.warning("the hashing helper failed (exit %s): %s", self._proc.returncode, why)
+            return None
+        ends = list(itertools.accumulate(sizes))
+        return [(run, out[end - n : end]) for run, n, end in zip(self.sent, sizes, ends, strict=True)]
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import deepcheck, qemu
+from rbd2qcow2 import deepcheck, hashworker, qemu
 from rbd2qcow2 import manifest as mf
 from rbd2qcow2.checksums import BLOCK_SIZE, OrderedWriter, block_records, digest
 from rbd2qcow2.deepcheck import Checker, MappedChain, check_point, plan_reads
@@ -164,6 +164,20 @@ def test_flipped_byte_in_a_data_cluster_of_any_layer(
     digests = expected(chain)
     block, offset = data_offset(chain, depth)
     flip(chain[len(chain) - 1 - depth], offset + 1000)
+    assert check(chain, digests, daemon)[0] == {block}
+
+
+def test_a_failed_helper_is_no_damage(
+    chain: list[Path], daemon: qemu.StorageDaemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The share of a helper that fails is hashed by the verify process itself."""
+    monkeypatch.setattr(deepcheck, "WORKER_MIN", 0)
+    monkeypatch.setattr(hashworker, "__file__", str(chain[0].parent / "missing.py"))
+    digests = expected(chain)
+    block, offset = data_offset(chain, 2)
+    assert check(chain, digests, daemon)[0] == set()
+    assert "the hashing helper failed" in caplog.text
+    flip(chain[0], offset + 1000)
     assert check(chain, digests, daemon)[0] == {block}
 
 
