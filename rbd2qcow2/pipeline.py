@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from .checksums import BLOCK_SIZE, block_records, zero_records
 from .extents import Chunk, Kind
@@ -32,10 +32,21 @@ logger = logging.getLogger(__name__)
 POLL = 0.1
 _T = TypeVar("_T")
 JOIN_TIMEOUT = 120.0
+BATCH_BYTES = 4 << 20  # a puller reads small chunks in batches of up to this many bytes ...
+BATCH_COUNT = 32  # ... and requests, all in flight at once
+TODO_DEPTH = 256  # planned chunks waiting for a puller: descriptors only, no data
 
 
 class Reader(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
+
+
+@runtime_checkable
+class BatchReader(Protocol):
+    """A reader that can have several requests in flight at once."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]: ...
 
 
 class Writer(Protocol):
@@ -120,7 +131,7 @@ class Transfer:
         self._progress = progress
         self._fault = fault
         self._interrupt = interrupt  # raises (Cancelled) when the caller wants the transfer stopped
-        self._todo: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(maxsize=2 * self._workers + 1)
+        self._todo: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(maxsize=TODO_DEPTH)
         self._writes: queue.Queue[_Job | None] = queue.Queue(maxsize=2)
         self._done: queue.Queue[_Done] = queue.Queue()
         self._stop = threading.Event()
@@ -140,7 +151,7 @@ class Transfer:
                     pullers.append(_thread(self._puller, f"pull-{len(pullers)}"))
                 if len(writers) < self._writers and (not writers or self._writes.qsize() > 0):
                     writers.append(_thread(self._writer, f"write-{len(writers)}"))
-                self._put((seq, chunk))
+                received += self._put((seq, chunk))
                 sent += 1
                 received += self._drain(block=False)
             while received < sent:
@@ -155,14 +166,16 @@ class Transfer:
         self._raise_if_failed()
         return self.stats
 
-    def _put(self, item: tuple[int, Chunk]) -> None:
+    def _put(self, item: tuple[int, Chunk]) -> int:
+        """Queue ``item``; returns how many results were drained while the queue was full."""
+        drained = 0
         while True:
             self._raise_if_failed()
             try:
                 self._todo.put(item, timeout=POLL)
-                return
+                return drained
             except queue.Full:
-                self._drain(block=False)
+                drained += self._drain(block=False)
 
     def _drain(self, *, block: bool) -> int:
         n = 0
@@ -209,11 +222,45 @@ class Transfer:
     def _puller(self) -> None:
         try:
             with self._open_reader() as reader:
-                while (item := self._todo.get()) is not None:
-                    if not self._stop.is_set():
-                        self._handoff(self._prepare(reader, *item))
+                batched = isinstance(reader, BatchReader)
+                last = False
+                while not last:
+                    batch, last = self._next_batch(batched)
+                    if batch and not self._stop.is_set():
+                        for job in self._prepare_batch(reader, batch):
+                            self._handoff(job)
         except BaseException as exc:  # carried to the main thread
             self._fail(exc)
+
+    def _next_batch(self, batched: bool) -> tuple[list[tuple[int, Chunk]], bool]:
+        """The next chunk and, while they are small and waiting, more; and whether the end was seen.
+
+        A small diff is thousands of 64 KiB chunks; one round trip to the
+        OSDs each, one after another, would leave the pullers idle.
+        """
+        item = self._todo.get()
+        if item is None:
+            return [], True
+        batch = [item]
+        size = item[1].length
+        while batched and size < BATCH_BYTES and len(batch) < BATCH_COUNT:
+            try:
+                item = self._todo.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True  # this puller's end: it stops after the batch
+            batch.append(item)
+            size += item[1].length
+        return batch, False
+
+    def _prepare_batch(self, reader: Reader, batch: list[tuple[int, Chunk]]) -> list[_Job]:
+        reads = [(seq, c) for seq, c in batch if c.kind is not Kind.ZERO]
+        data: dict[int, bytes] = {}
+        if len(reads) > 1 and isinstance(reader, BatchReader):
+            ranges = [(c.offset, c.offset + c.length) for _, c in reads]
+            data = {seq: d for (seq, _), d in zip(reads, reader.read_many(ranges), strict=True)}
+        return [self._prepare(reader, seq, chunk, data.get(seq)) for seq, chunk in batch]
 
     def _handoff(self, job: _Job) -> None:
         while not self._stop.is_set():
@@ -233,12 +280,13 @@ class Transfer:
         except BaseException as exc:  # carried to the main thread
             self._fail(exc)
 
-    def _prepare(self, reader: Reader, seq: int, chunk: Chunk) -> _Job:
+    def _prepare(self, reader: Reader, seq: int, chunk: Chunk, data: bytes | None = None) -> _Job:
         stats = Stats()
         if chunk.kind is Kind.ZERO:
             records = zero_records(chunk.offset, chunk.length, self._size)
             return _Job(_Done(seq, records, stats, chunk.length), [(True, chunk.offset, chunk.length)])
-        data = reader.read(chunk.offset, chunk.length)
+        if data is None:
+            data = reader.read(chunk.offset, chunk.length)
         stats.read_bytes = len(data)
         records, zeros = block_records(chunk.offset, data)
         view = memoryview(data)

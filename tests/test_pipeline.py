@@ -140,3 +140,38 @@ def test_memory_stays_bounded() -> None:
     )
     transfer.run(chunks(size))
     assert image.peak <= workers + 2 + (workers + 1) // 2 + 1
+
+
+class BatchImage(FakeImage):
+    """A reader with requests in flight at once, as librbd's aio reads."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.batches: list[int] = []
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.batches.append(len(ranges))
+        return [self.read(start, end - start) for start, end in ranges]
+
+
+class SlowDisk(FakeDisk):
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        time.sleep(0.0002)  # the feed outruns the writes: the planned-chunk queue fills up
+        super().pwrite(data, offset)
+
+
+def test_small_chunks_in_batches_with_a_full_queue() -> None:
+    """Thousands of 64 KiB chunks: read in batches, every one written and counted once."""
+    size = 64 * MiB
+    image = BatchImage(source(size))
+    disk = SlowDisk(size, image)
+    small = [c for c in chunks(size, BLOCK_SIZE) if (c.offset // BLOCK_SIZE) % 3 != 1]
+    records = Records()
+    stats = Transfer(
+        open_reader=lambda: opened(image), sink=disk, sums=records, size=size, workers=4, hide_zeros=True
+    ).run(small)
+    assert stats.read_bytes == len(small) * BLOCK_SIZE
+    assert max(image.batches) > 1 and sum(image.batches) <= len(small)
+    for c in small:
+        assert disk.buf[c.offset : c.end] == image.data[c.offset : c.end]
+    assert sorted(records.seen) == [c.offset // BLOCK_SIZE for c in small]
