@@ -81,19 +81,19 @@ class Checker:
 
     def check_view(self, first: int, view: memoryview) -> None:
         """Hash the blocks of ``view`` (block ``first`` onwards) and check them."""
-        self.check_digests(first, b"".join(map(block_digest, map(view.__getitem__, hashworker.pieces(len(view))))))
+        digests = b"".join(map(block_digest, map(view.__getitem__, hashworker.pieces(len(view)))))
+        self.check_blocks(range(first, first + len(digests) // DIGEST_SIZE), digests)
 
-    def check_digests(self, first: int, digests: bytes) -> None:
-        """Check the digests of consecutive blocks (16 bytes each, block ``first`` onwards).
+    def check_blocks(self, blocks: Sequence[int], digests: bytes) -> None:
+        """Check the digests of ``blocks`` (16 bytes each, in that order).
 
         All at once first (no Python code runs per block); block by block
         only when something differs.
         """
-        n = len(digests) // DIGEST_SIZE
-        if digests == b"".join(map(self._digests.get, range(first, first + n), itertools.repeat(ZERO_DIGEST, n))):
+        if digests == b"".join(map(self._digests.get, blocks, itertools.repeat(ZERO_DIGEST, len(blocks)))):
             return
-        for i in range(n):  # the image's short last block expects a shorter zero digest, too
-            self.check(first + i, digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+        for i, index in enumerate(blocks):  # the image's short last block expects a shorter zero digest, too
+            self.check(index, digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
 
     def zeros(self, first: int, end: int) -> None:
         """Blocks ``[first, end)`` read as zeros: only those with a recorded digest need a look."""
@@ -266,12 +266,13 @@ def check_point(
                 worker.take(backlog)
             files.hash(backlog, checker, progress, HASH_STEP)
         if worker is not None:
-            done = worker.digests()
-            if done is None:  # the helper failed: its share is hashed here, a tool's failure is no damage
-                files.hash(collections.deque(worker.sent), checker, progress, sum(r.length for r in worker.sent))
-            for run, digests in done or []:
-                checker.check_digests(run.block, digests)
-                progress(run.length)
+            shared = sum(r.length for r in worker.sent)
+            digests = worker.digests()
+            if digests is None:  # the helper failed: its share is hashed here, a tool's failure is no damage
+                files.hash(collections.deque(worker.sent), checker, progress, shared)
+            else:
+                checker.check_blocks(worker.blocks(), digests)
+                progress(shared)
     plan = planner.finish()
     for blocks in plan.zeros:
         checker.zeros(*blocks)
@@ -447,17 +448,22 @@ class _Worker:
                 return
             self.sent += batch
 
-    def digests(self) -> list[tuple[HostRun, bytes]] | None:
-        """Each run handed over with the digests of its blocks, once the helper is done; ``None`` if it failed."""
+    def blocks(self) -> list[int]:
+        """The blocks of the runs handed over, in order."""
+        return list(
+            itertools.chain.from_iterable(range(r.block, r.block + -(-r.length // BLOCK_SIZE)) for r in self.sent)
+        )
+
+    def digests(self) -> bytes | None:
+        """The digests of :meth:`blocks`, once the helper is done; ``None`` if it failed."""
         self._open = False
         out, err = self._proc.communicate()  # closes its input: the helper finishes and writes the digests
-        sizes = [-(-run.length // BLOCK_SIZE) * DIGEST_SIZE for run in self.sent]
-        if self._proc.returncode != 0 or len(out) != sum(sizes):
-            why = err.decode(errors="replace").strip() or f"{len(out)} bytes of digests"
+        expected = sum(-(-run.length // BLOCK_SIZE) for run in self.sent) * DIGEST_SIZE
+        if self._proc.returncode != 0 or len(out) != expected:
+            why = err.decode(errors="replace").strip() or f"{len(out)} bytes of digests instead of {expected}"
             logger.warning("the hashing helper failed (exit %s): %s", self._proc.returncode, why)
             return None
-        ends = list(itertools.accumulate(sizes))
-        return [(run, out[end - n : end]) for run, n, end in zip(self.sent, sizes, ends, strict=True)]
+        return out
 
 
 __all__ = [

@@ -175,6 +175,20 @@ def test_checker_short_last_block() -> None:
     assert checker.bad == {1}
 
 
+def test_checker_blocks_out_of_order() -> None:
+    """Digests of scattered blocks at once, as the hashing helper returns them."""
+    size = 9 * B + 100
+    digests = {i: digest(bytes([i]) * B) for i in (1, 4, 7)}
+    checker = Checker(digests, size)
+    blocks = [7, 1, 3, 9, 4]  # 3: never recorded (zeros); 9: the short last block, zeros
+    actual = [digests[7], digests[1], ZERO_DIGEST, zero_digest(100), digests[4]]
+    checker.check_blocks(blocks, b"".join(actual))
+    assert checker.bad == set()
+    actual[1], actual[3] = ZERO_DIGEST, ZERO_DIGEST  # block 1 reads as zeros; block 9 as a whole block of zeros
+    checker.check_blocks(blocks, b"".join(actual))
+    assert checker.bad == {1, 9}
+
+
 def test_checker_records_from_the_pipeline() -> None:
     from rbd2qcow2.checksums import block_records
 
