@@ -36,6 +36,9 @@ def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list
 def orphan_files(directory: Path, manifest: mf.Manifest) -> list[str]:
     """Files of ours (by their name's shape) that the manifest does not name."""
     named = {p.file for p in manifest.points} | {sums_file(p.id) for p in manifest.points}
+    if manifest.pending is not None:  # the files of a merge still to be finished
+        child = manifest.point(manifest.pending.child)
+        named |= {f"{child.file}.merge", f"{sums_file(child.id)}.merge"}
     return sorted(
         entry.name
         for entry in os.scandir(directory)

@@ -33,7 +33,7 @@ from .activity import point_latest, record
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
-from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, QemuError, StorageError, UsageError
+from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, Locked, QemuError, StorageError, UsageError
 from .extents import Chunk, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
@@ -158,7 +158,11 @@ class ImageBackup:
     def _locked(self) -> tuple[mf.Point, str]:
         manifest = mf.load(self.dir)
         if manifest is not None:
-            manifest = recover(self.dir, manifest)
+            try:
+                manifest = recover(self.dir, manifest)
+            except Locked as exc:
+                # The points the backup builds on read right while a commit merge is pending.
+                logger.warning("%s: the interrupted merge stays pending: %s", self.image, exc)
         # One handle on the image head for the whole run: snapshots are made and removed through it.
         with self.cluster.image(self.image) as img:
             image_id = img.id()

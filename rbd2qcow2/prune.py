@@ -36,7 +36,7 @@ from . import manifest as mf
 from . import merge, names, qemu
 from .activity import point_latest, record
 from .chain import remove_orphan_files
-from .errors import Error, UsageError
+from .errors import Error, Locked, UsageError
 from .faults import crashpoint
 from .fsutil import chain_lock, fsync_dir
 from .retention import Decision, Policy, Stamp, decide
@@ -255,7 +255,13 @@ def _merge(
     journaled = dataclasses.replace(m, pending=pending)
     mf.save(directory, journaled)
     crashpoint("prune-after-journal")
-    done = _finish(directory, journaled, pending, daemon, progress=opts.progress)
+    try:
+        done = _finish(directory, journaled, pending, daemon, progress=opts.progress)
+    except Locked:
+        # The commit did not start: nothing was written, the journal is undone.
+        mf.save(directory, m)
+        merge.merge_files(directory, m.point(action.child))[1].unlink(missing_ok=True)
+        raise
     logger.info("%s: merged %s into %s (%s)", m.image, ", ".join(action.drop), action.child, pending.method)
     return done
 

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .errors import QemuError
+from .errors import Locked, QemuError
 from .faults import crashpoint
 
 logger = logging.getLogger(__name__)
@@ -416,8 +416,9 @@ class StorageDaemon:
         other layer stay read-only and unchanged.  qemu copies what the layers
         above the base allocate (zero clusters as zeros) and takes its image
         locks: the commit fails cleanly while any other process has a file of
-        the chain open.  Returns once the job concluded and the nodes are
-        closed (qemu flushes the base on close).
+        the chain open (:class:`~rbd2qcow2.errors.Locked`, raised before
+        anything is written).  Returns once the job concluded and the nodes
+        are closed (qemu flushes the base on close).
         """
         self._count += 1
         top = f"c{self._count}"
@@ -437,17 +438,28 @@ class StorageDaemon:
         if opts is None or base >= len(files) - 1:
             raise ValueError("nothing to commit")
         opts["node-name"] = top
-        self.cmd("blockdev-add", **opts)
+        self._start_or_locked("blockdev-add", files, **opts)
         try:
             job = f"{top}-job"
-            self.cmd(
+            self._start_or_locked(
                 "block-commit",
+                files,
                 **{"job-id": job, "device": top, "base-node": base_node, "auto-dismiss": False},
             )
             crashpoint("prune-during-commit")
             self._wait_job(job, progress)
         finally:
             self.cmd("blockdev-del", **{"node-name": top})
+
+    def _start_or_locked(self, command: str, files: Sequence[Path], **args: Any) -> None:
+        """A command before a job writes anything: qemu's lock conflicts become :class:`Locked`."""
+        try:
+            self.cmd(command, **args)
+        except QemuError as exc:
+            if "lock" in str(exc):
+                names = ", ".join(p.name for p in files)
+                raise Locked(f"another process has a file of the chain open ({names}): {exc}") from exc
+            raise
 
     def _wait_job(self, job: str, progress: Callable[[int], None] | None) -> None:
         done = 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,54 @@ def test_prune_usage(ceph: Ceph, target: Path, tmp_path: Path) -> None:
     assert run_cli("prune", "--target", str(target)).returncode == 64
     assert run_cli("prune", "--target", str(target), "--keep-within", "3x").returncode == 64
     assert run_cli("delete", "--target", str(target), f"{ceph.pool}/usage-img@19990101T000000Z").returncode == 66
+
+
+@contextlib.contextmanager
+def reader_of(layer: Path, tmp: Path) -> Iterator[None]:
+    """Another process reading a point's chain, as a VM booted from an overlay of it would."""
+    sock = tmp / "reader.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(sock), str(layer)])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+        wait_unlocked(layer)
+
+
+def test_commit_merge_refused_while_the_chain_is_in_use(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path
+) -> None:
+    expected = build(ceph, target, image_name, tmp_path, cycles=3)
+    ids = sorted(expected)
+    directory = chain_dir(target, ImageSpec(ceph.pool, "", image_name))
+    ref = f"{ceph.pool}/{image_name}@{ids[0]}"
+    with reader_of(directory / f"{ids[1]}.qcow2", tmp_path):
+        proc = run_cli("delete", "--target", str(target), ref)
+        assert proc.returncode == 75, proc.stderr
+        assert "open" in proc.stderr
+        # Nothing happened: no merge pending, every point still there and right.
+        m = assert_points(target, ceph, image_name, expected, tmp_path)
+        assert [p.id for p in m.points] == ids
+        # A merge left pending by a killed prune cannot be finished while the chain is in use ...
+    proc = run_cli("delete", "--target", str(target), ref, env={"RBD2QCOW2_CRASH_AT": "prune-after-journal"})
+    assert proc.returncode == -9
+    wait_unlocked(directory / f"{ids[1]}.qcow2")
+    with reader_of(directory / f"{ids[1]}.qcow2", tmp_path):
+        # ... but backups go on, building on points that read right, and keep it pending.
+        with ceph.image(image_name) as img:
+            Workload(seed=5).run(img, ops=4)
+        proc = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}")
+        assert proc.returncode == 0, proc.stderr
+        assert "stays pending" in proc.stderr
+        new = manifest(target, ceph, image_name).points[-1]
+        assert manifest(target, ceph, image_name).pending is not None
+    expected[new.id] = ceph.export(image_name, new.snapshot.name, tmp_path / "exp-new")
+    proc = run_cli("prune", "--target", str(target), "--keep-last", "10")  # finishes the merge
+    assert proc.returncode == 0, proc.stderr
+    m = assert_points(target, ceph, image_name, expected, tmp_path)
+    assert [p.id for p in m.points] == [*ids[1:], new.id]
