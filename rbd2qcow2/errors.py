@@ -19,6 +19,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- StorageError    the target's file system failed (disk full...) (74)
                +-- TargetError     the target directory cannot be used (73)
                +-- Locked          another run holds the chain lock (75)
+               |    +-- InUse       another process has a file of the chain open
                +-- Claimed         another host holds the image's RADOS claim (75)
                +-- ConfigError     configuration is wrong (78)
 
@@ -115,6 +116,10 @@ class Locked(Error):
     """{} is locked by another rbd2qcow2 run"""
 
     exit_code = os.EX_TEMPFAIL
+
+
+class InUse(Locked):
+    """{}"""
 
 
 class Claimed(Error):

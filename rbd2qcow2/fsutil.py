@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,32 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def create_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; False when another process was first.
+
+    The data goes to a temporary file of this process first and is then
+    hard-linked into place: ``link`` fails when the name exists, so of several
+    processes racing to create the file exactly one wins and every reader sees
+    a complete file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    fsync_dir(path.parent)
+    return True
 
 
 def commit_file(tmp: Path, final: Path) -> None:

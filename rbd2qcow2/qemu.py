@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .errors import Locked, QemuError
+from .errors import InUse, QemuError
 from .faults import crashpoint
 
 logger = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ class StorageDaemon:
         other layer stay read-only and unchanged.  qemu copies what the layers
         above the base allocate (zero clusters as zeros) and takes its image
         locks: the commit fails cleanly while any other process has a file of
-        the chain open (:class:`~rbd2qcow2.errors.Locked`, raised before
+        the chain open (:class:`~rbd2qcow2.errors.InUse`, raised before
         anything is written).  Returns once the job concluded and the nodes
         are closed (qemu flushes the base on close).
         """
@@ -452,13 +452,13 @@ class StorageDaemon:
             self.cmd("blockdev-del", **{"node-name": top})
 
     def _start_or_locked(self, command: str, files: Sequence[Path], **args: Any) -> None:
-        """A command before a job writes anything: qemu's lock conflicts become :class:`Locked`."""
+        """A command before a job writes anything: qemu's lock conflicts become :class:`InUse`."""
         try:
             self.cmd(command, **args)
         except QemuError as exc:
             if "lock" in str(exc):
                 names = ", ".join(p.name for p in files)
-                raise Locked(f"another process has a file of the chain open ({names}): {exc}") from exc
+                raise InUse(f"another process has a file of the chain open ({names}): {exc}") from exc
             raise
 
     def _wait_job(self, job: str, progress: Callable[[int], None] | None) -> None:

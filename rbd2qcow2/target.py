@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from .errors import ChainDamaged, TargetError
-from .fsutil import DIR_MODE, atomic_write
+from .fsutil import DIR_MODE, create_once
 from .names import ImageSpec, chain_relpath, is_target_tag
 
 TAG_FILE = ".rbd2qcow2-target"
@@ -31,17 +31,29 @@ def open_target(root: Path, *, create: bool) -> str:
         raise TargetError(f"{root} is not a directory")
     path = root / TAG_FILE
     try:
-        tag = json.loads(path.read_text())["tag"]
+        tag = _read_tag(path)
     except FileNotFoundError:
         if not create:
             raise TargetError(f"{root} is not an rbd2qcow2 target (no {TAG_FILE})") from None
-        tag = secrets.token_hex(4)
-        atomic_write(path, json.dumps({"format": "rbd2qcow2-target", "tag": tag}).encode() + b"\n")
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise TargetError(f"{path} is unreadable: {exc}") from exc
+        # Two first runs at once must agree on one tag: whoever links first wins.
+        try:
+            create_once(path, json.dumps({"format": "rbd2qcow2-target", "tag": secrets.token_hex(4)}).encode() + b"\n")
+            tag = _read_tag(path)
+        except OSError as exc:
+            raise TargetError(f"cannot create {path}: {exc.strerror}") from exc
     if not isinstance(tag, str) or not is_target_tag(tag):
         raise TargetError(f"{path} holds an invalid tag")
     return tag
+
+
+def _read_tag(path: Path) -> object:
+    """The tag in ``path``; FileNotFoundError passes through, any other fault is a TargetError."""
+    try:
+        return json.loads(path.read_text())["tag"]
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise TargetError(f"{path} is unreadable: {exc}") from exc
 
 
 def chain_dir(root: Path, image: ImageSpec) -> Path:

@@ -97,6 +97,7 @@ def test_args_are_kept() -> None:
         (NbdError, 74),
         (TargetError, 73),
         (Locked, 75),
+        (errors.InUse, 75),
         (errors.Claimed, 75),
         (errors.StorageError, 74),
         (ConfigError, 78),
@@ -121,7 +122,7 @@ def test_exit_codes_are_sysexits() -> None:
 
 def test_every_error_class_has_a_severity() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Error)]
-    assert len(classes) == 15
+    assert len(classes) == 16
     for cls in classes:
         assert cls.exit_code in SEVERITY, cls
         assert cls.__doc__ and "{}" in cls.__doc__, cls

@@ -12,7 +12,7 @@ import pytest
 
 from rbd2qcow2 import qemu
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
-from rbd2qcow2.errors import DataError, QemuError
+from rbd2qcow2.errors import DataError, InUse
 from rbd2qcow2.merge import _verify
 
 MiB = 1 << 20
@@ -106,7 +106,7 @@ def test_commit_refused_while_another_process_reads_the_chain(
             assert time.monotonic() < deadline
             time.sleep(0.02)
         before = hashlib.sha256(l1.read_bytes()).hexdigest()
-        with pytest.raises(QemuError, match="lock"):
+        with pytest.raises(InUse, match="another process has a file of the chain open"):
             daemon.commit(chain, 1)
         assert hashlib.sha256(l1.read_bytes()).hexdigest() == before
     finally:
