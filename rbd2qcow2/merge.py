@@ -231,12 +231,14 @@ def plan_read_back(
 def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
     """Read back every block the merge wrote, through the new chain, against its checksum.
 
-    qemu maps the chain (which layer holds each block, at which host offset);
-    blocks it places in a layer file are hashed from that file, blocks it
-    reports as zeros must have been recorded as zeros, the rest is read
-    through a qemu NBD export.
+    Every block the merge wrote lies in the merged layer, the top of
+    ``files``: qemu maps that layer alone (where each of its clusters lies);
+    blocks it holds as data are hashed from the file, blocks it holds as zero
+    clusters must have been recorded as zeros, and anything else (a block the
+    layer leaves to its backing files, a compressed cluster, a block split
+    between extents) is read through a qemu NBD export of the whole chain.
     """
-    plan = plan_read_back(qemu.map_host(files), records, size, len(files))
+    plan = plan_read_back(qemu.map_own(files[-1]), records, size, len(files))
     for index, dig in plan.zeros:
         if dig != zero_digest(min(BLOCK_SIZE, size - index * BLOCK_SIZE)):
             raise DataError(f"merged layer reads zeros at offset {index * BLOCK_SIZE}; merge abandoned")

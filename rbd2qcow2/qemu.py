@@ -173,24 +173,43 @@ def map_host(files: Sequence[Path], *, pass_fds: Sequence[int] = ()) -> list[Hos
 
     ``pass_fds`` are inherited by qemu-img, for files named ``/dev/fd/N``.
     """
-    args = ["qemu-img", "map", "--output=json", json_filename(chain_options(files))]
+    return _run_map(chain_options(files), pass_fds)
+
+
+def map_own(path: Path) -> list[HostExtent]:
+    """What the qcow2 layer ``path`` itself allocates (data and zero clusters), with host offsets.
+
+    Its backing chain is not opened (a deep chain costs ``qemu-img map`` most
+    of its time); what the layer leaves to its backing files is left out of
+    the list.  All extents are at depth 0.
+    """
+    opts = {"driver": "qcow2", "file": file_node(path), "backing": None}
+    return [e for e in _run_map(opts, (), own=True) if e.depth >= 0]
+
+
+def _run_map(opts: dict[str, Any], pass_fds: Sequence[int], *, own: bool = False) -> list[HostExtent]:
+    args = ["qemu-img", "map", "--output=json", json_filename(opts)]
     try:
         proc = subprocess.run(args, capture_output=True, text=True, check=False, pass_fds=tuple(pass_fds))
     except OSError as exc:
         raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
     if proc.returncode != 0:
         raise QemuError(f"qemu-img map failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    return _host_extents(proc.stdout)
+    return _host_extents(proc.stdout, own=own)
 
 
-def _host_extents(text: str | bytes) -> list[HostExtent]:
-    """The extents of ``qemu-img map --output=json`` output (a JSON array of flat objects)."""
+def _host_extents(text: str | bytes, *, own: bool = False) -> list[HostExtent]:
+    """The extents of ``qemu-img map --output=json`` output (a JSON array of flat objects).
+
+    With ``own`` (a layer mapped without its backing file), extents the layer
+    does not allocate (``"present": false``) get depth -1.
+    """
     try:
         return [
             HostExtent(
                 int(e["start"]),
                 int(e["length"]),
-                int(e["depth"]),
+                -1 if own and not e["present"] else int(e["depth"]),
                 bool(e["zero"]),
                 bool(e["data"]),
                 int(e["offset"]) if "offset" in e else None,

@@ -112,3 +112,22 @@ def test_commit_refused_while_another_process_reads_the_chain(
     finally:
         reader.terminate()
         reader.wait()
+
+
+def test_read_back_reads_blocks_the_merged_layer_leaves_to_its_backing(
+    chain: list[Path], daemon: qemu.StorageDaemon
+) -> None:
+    # The read-back maps the merged layer alone; a recorded block it does not
+    # hold (block 32 lies only in a) is read through the whole chain instead,
+    # so it passes when the chain reads as recorded and fails when it does not.
+    a, l1, b = chain
+    expected = raw(b)
+    daemon.commit(chain, 1)
+    own = qemu.map_own(l1)
+    assert all(e.depth == 0 for e in own)
+    assert not any(e.start <= 32 * BLOCK_SIZE < e.start + e.length for e in own)
+    records = records_of(expected, [32, 64])
+    _verify(daemon, [a, l1], records, SIZE)
+    other = records_of(bytes([0x22]) * SIZE, [32])
+    with pytest.raises(DataError, match=str(32 * BLOCK_SIZE)):
+        _verify(daemon, [a, l1], [*other, records[1]], SIZE)
