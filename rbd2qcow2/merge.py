@@ -36,8 +36,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import manifest as mf
 from . import names, qemu
@@ -58,10 +60,15 @@ from .checksums import (
 from .errors import ChainDamaged, DataError
 from .extents import Chunk, Extent, boundary_extent, plan
 from .faults import crashpoint
-from .nbdio import Connection, ConnectionPool
-from .pipeline import Stats, Transfer
 from .progress import Progress
 from .qcow2 import read_header
+
+if TYPE_CHECKING:
+    from .nbdio import Connection
+    from .pipeline import Stats
+
+# The NBD client (libnbd) and the transfer pipeline are imported where they are
+# used: a commit merge that reads back from the layer files needs neither.
 
 logger = logging.getLogger(__name__)
 MERGE_SUFFIX = ".merge"
@@ -159,6 +166,9 @@ def _copy(
     progress: bool,
     parent: mf.Point | None,
 ) -> Stats:
+    from .nbdio import Connection, ConnectionPool
+    from .pipeline import Transfer
+
     view = daemon.export_chain(view_files, writable=False)
     try:
         new = daemon.export_chain(new_files, writable=True)
@@ -270,6 +280,8 @@ def _check_run(data: memoryview, run: list[tuple[int, bytes]], size: int) -> Non
 
 
 def _verify_nbd(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
+    from .nbdio import Connection
+
     export = daemon.export_chain(files, writable=False)
     try:
         with Connection(export.socket, export.name) as conn:
@@ -363,12 +375,15 @@ def commit_in_place(
     with Progress(f"merge into {child.id}", total, enabled=progress) as bar:
         daemon.commit(files, base, bar.update)
     merged = files[base]
-    qemu.check_layer(merged)
     fd = os.open(merged, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _verify(daemon, files[: base + 1], stacked_records(_sums_paths(directory, upper)), child.size)
+    # qemu-img check of the merged layer runs while its blocks are read back; both must pass.
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(qemu.check_layer, merged)
+        _verify(daemon, files[: base + 1], stacked_records(_sums_paths(directory, upper)), child.size)
+        checked.result()
     crashpoint("prune-after-build")
     os.replace(merged, child_path)
