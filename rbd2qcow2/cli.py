@@ -185,7 +185,7 @@ def _add_restore_commands(sub: argparse._SubParsersAction[_Parser], common: _Par
         "-p",
         type=_positive,
         default=4,
-        help="readers for an RBD restore; half as many writers (default 4)",
+        help="reader threads for an RBD restore (default 4); librbd keeps the writes in flight",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_ceph(r)
