@@ -131,3 +131,18 @@ def test_read_back_reads_blocks_the_merged_layer_leaves_to_its_backing(
     other = records_of(bytes([0x22]) * SIZE, [32])
     with pytest.raises(DataError, match=str(32 * BLOCK_SIZE)):
         _verify(daemon, [a, l1], [*other, records[1]], SIZE)
+
+
+def test_commit_opens_only_the_base_writable() -> None:
+    files = [Path("a.qcow2"), Path("b.qcow2"), Path("c.qcow2")]
+    opts = qemu._commit_options(files, 1, "top", "base", "io_uring")
+    layers = []
+    node = opts
+    while node is not None:
+        layers.append(node)
+        node = node["backing"]
+    assert [n["file"]["filename"] for n in layers] == ["c.qcow2", "b.qcow2", "a.qcow2"]
+    assert [n["read-only"] for n in layers] == [True, False, True]
+    assert [n["file"].get("aio") for n in layers] == [None, "io_uring", None]
+    assert opts["node-name"] == "top" and layers[1]["node-name"] == "base"
+    assert qemu._commit_options(files, 1, "top", "base", None)["backing"]["file"].get("aio") is None
