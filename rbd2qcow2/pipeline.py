@@ -1,7 +1,7 @@
 """The parallel diff-puller: reads in ``pull-N`` threads, writes in ``write-N`` threads.
 
-The main thread feeds planned chunks into a bounded queue (``2*workers+1``
-deep).  Each ``pull-N`` thread owns a reader (its own ``rbd.Image``), reads a
+The main thread feeds planned chunks into a bounded queue (``TODO_DEPTH``
+descriptors).  Each ``pull-N`` thread owns a reader (an ``rbd.Image``), reads a
 chunk, cuts it into blocks, records a checksum per block and sorts them into
 data runs and all-zero runs.  It hands the result to the ``write-N`` threads
 through a second bounded queue (``writers`` deep), so reads never wait for
@@ -10,7 +10,9 @@ the image size.  A writer sends data runs as NBD WRITE and zero runs as
 WRITE_ZEROES (or, in a layer without backing file, not at all: it reads as
 zeros already).  Results come back to the main thread in a third queue; the
 first exception in any thread stops the feed and is re-raised in the main
-thread.
+thread.  Threads start as work arrives: the first puller and writer with the
+first chunk, another puller only while much waits to be read (``READER_WORTH``
+or a full queue), since each opens an image; a small diff uses one reader.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ JOIN_TIMEOUT = 120.0
 BATCH_BYTES = 4 << 20  # a puller reads small chunks in batches of up to this many bytes ...
 BATCH_COUNT = 32  # ... and requests, all in flight at once
 TODO_DEPTH = 256  # planned chunks waiting for a puller: descriptors only, no data
+# Another reader opens its own image (10-50 ms, about as long as one reader takes for 16 MiB):
+# it starts only while more than this waits to be read, or while the queue is full.
+READER_WORTH = 32 << 20
 
 
 class Reader(Protocol):
@@ -136,6 +141,8 @@ class Transfer:
         self._done: queue.Queue[_Done] = queue.Queue()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        self._waiting = 0  # bytes to read in the planned-chunk queue
+        self._waiting_lock = threading.Lock()
         self.stats = Stats()
 
     def run(self, chunks: Iterable[Chunk]) -> Stats:
@@ -146,8 +153,7 @@ class Transfer:
         try:
             for seq, chunk in enumerate(chunks):
                 self._fault(seq)
-                # Another reader (each opens its own image, ~50 ms) only while work waits.
-                if len(pullers) < self._workers and (not pullers or self._todo.qsize() > 0):
+                if len(pullers) < self._workers and (not pullers or self._reader_pays()):
                     pullers.append(_thread(self._puller, f"pull-{len(pullers)}"))
                 if len(writers) < self._writers and (not writers or self._writes.qsize() > 0):
                     writers.append(_thread(self._writer, f"write-{len(writers)}"))
@@ -166,9 +172,21 @@ class Transfer:
         self._raise_if_failed()
         return self.stats
 
+    def _reader_pays(self) -> bool:
+        """Whether another reader is worth its image open: much waits to be read, or the queue is full."""
+        with self._waiting_lock:
+            waiting = self._waiting
+        return waiting > READER_WORTH or self._todo.full()
+
+    def _waited(self, chunk: Chunk, sign: int) -> None:
+        if chunk.kind is not Kind.ZERO:
+            with self._waiting_lock:
+                self._waiting += sign * chunk.length
+
     def _put(self, item: tuple[int, Chunk]) -> int:
         """Queue ``item``; returns how many results were drained while the queue was full."""
         drained = 0
+        self._waited(item[1], +1)
         while True:
             self._raise_if_failed()
             try:
@@ -241,6 +259,7 @@ class Transfer:
         item = self._todo.get()
         if item is None:
             return [], True
+        self._waited(item[1], -1)
         batch = [item]
         size = item[1].length
         while batched and size < BATCH_BYTES and len(batch) < BATCH_COUNT:
@@ -250,6 +269,7 @@ class Transfer:
                 break
             if item is None:
                 return batch, True  # this puller's end: it stops after the batch
+            self._waited(item[1], -1)
             batch.append(item)
             size += item[1].length
         return batch, False

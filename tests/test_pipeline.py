@@ -175,3 +175,36 @@ def test_small_chunks_in_batches_with_a_full_queue() -> None:
     for c in small:
         assert disk.buf[c.offset : c.end] == image.data[c.offset : c.end]
     assert sorted(records.seen) == [c.offset // BLOCK_SIZE for c in small]
+
+
+class Opens:
+    """``open_reader`` that counts the readers the transfer opens."""
+
+    def __init__(self, image: FakeImage) -> None:
+        self.image = image
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> contextlib.AbstractContextManager[FakeImage]:
+        with self.lock:
+            self.count += 1
+        return opened(self.image)
+
+
+@pytest.mark.parametrize(
+    ("size", "step", "readers"),
+    [
+        (8 * MiB, BLOCK_SIZE, range(1, 2)),  # a small diff: one reader, whatever the number of chunks
+        (256 * MiB, 4 * MiB, range(2, 5)),  # much waiting to be read: more readers
+    ],
+)
+def test_readers_start_only_when_much_waits(size: int, step: int, readers: range) -> None:
+    image = FakeImage(source(size))
+    opens = Opens(image)
+    disk = FakeDisk(size, image)
+    stats = Transfer(open_reader=opens, sink=disk, sums=Records(), size=size, workers=4, hide_zeros=True).run(
+        chunks(size, step)
+    )
+    assert opens.count in readers
+    assert stats.read_bytes == size
+    assert bytes(disk.buf) == image.data
