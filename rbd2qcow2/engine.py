@@ -22,7 +22,9 @@ import contextlib
 import dataclasses
 import logging
 import random
+import threading
 from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,11 +153,12 @@ class ImageBackup:
         self.dir = make_dirs(opts.target, names.chain_relpath(image))
         self.stats = Stats()
 
-    def run(self) -> tuple[mf.Point, str]:
+    def run(self, head: RbdImage | None = None) -> tuple[mf.Point, str]:
+        """Make the point.  ``head``: the image already open at its head (read-write), else opened here."""
         with chain_lock(self.dir, wait=self.opts.wait, what=str(self.image)):
-            return self._locked()
+            return self._locked(head)
 
-    def _locked(self) -> tuple[mf.Point, str]:
+    def _locked(self, head: RbdImage | None) -> tuple[mf.Point, str]:
         manifest = mf.load(self.dir)
         if manifest is not None:
             try:
@@ -164,7 +167,7 @@ class ImageBackup:
                 # The points the backup builds on read right while a commit merge is pending.
                 logger.warning("%s: the interrupted merge stays pending: %s", self.image, exc)
         # One handle on the image head for the whole run: snapshots are made and removed through it.
-        with self.cluster.image(self.image) as img:
+        with contextlib.nullcontext(head) if head is not None else self.cluster.image(self.image) as img:
             image_id = img.id()
             if manifest is None:
                 manifest = mf.Manifest(self.image, image_id, self.tag)
@@ -298,26 +301,12 @@ class ImageBackup:
             try:
                 if pool.size < snap.size:
                     raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
-                with (
-                    Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
-                    # Closed here, in this thread: a generator left to the garbage
-                    # collector would close its image handle in whatever thread runs
-                    # it, possibly after the cluster connection is gone (a hang).
-                    contextlib.closing(self._chunks(base, snap, bar.skip, changed)) as chunks,
-                ):
-                    stats = Transfer(
-                        open_reader=lambda: self.cluster.image(self.image, snapshot=snap.name, read_only=True),
-                        sink=pool,
-                        sums=sums,
-                        size=snap.size,
-                        workers=self.opts.parallel,
-                        hide_zeros=base.point is not None,
-                        progress=bar.update,
-                        fault=_mid_transfer_fault,
-                        interrupt=self.opts.interrupt,
-                    ).run(chunks)
-                if base.point is not None:
-                    self._check_unchanged(pool, snap, changed)
+                # One handle on the snapshot for the diff, the first reader and the sample;
+                # opened and closed in this thread, after every reader has stopped.
+                with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as src:
+                    stats = self._pull(src, base, snap, pool, sums, changed)
+                    if base.point is not None:
+                        self._check_unchanged(pool, src, snap, changed)
                 pool.flush()
             finally:
                 pool.close()
@@ -333,23 +322,61 @@ class ImageBackup:
         )
         return stats
 
+    def _pull(
+        self, src: RbdImage, base: Base, snap: SnapInfo, pool: ConnectionPool, sums: OrderedWriter, changed: list[Range]
+    ) -> Stats:
+        with (
+            Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
+            # Closed here, in this thread: a generator left to the garbage
+            # collector would run its clean-up in whatever thread runs it.
+            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed)) as chunks,
+        ):
+            return Transfer(
+                open_reader=self._readers(src, snap),
+                sink=pool,
+                sums=sums,
+                size=snap.size,
+                workers=self.opts.parallel,
+                hide_zeros=base.point is not None,
+                progress=bar.update,
+                fault=_mid_transfer_fault,
+                interrupt=self.opts.interrupt,
+            ).run(chunks)
+
+    def _readers(self, src: RbdImage, snap: SnapInfo) -> Callable[[], AbstractContextManager[RbdImage]]:
+        """Opens a reader for each puller thread; the first gets ``src`` itself.
+
+        Only when the diff is one call: a diff call of a later window then
+        never runs on ``src`` while a puller reads through it.
+        """
+        shared = [src] if snap.size <= DIFF_WINDOW else []
+        lock = threading.Lock()
+
+        def open_reader() -> AbstractContextManager[RbdImage]:
+            with lock:
+                first = shared.pop() if shared else None
+            if first is not None:
+                return contextlib.nullcontext(first)
+            return self.cluster.image(self.image, snapshot=snap.name, read_only=True)
+
+        return open_reader
+
     def _chunks(
-        self, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]
+        self, img: RbdImage, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]
     ) -> Generator[Chunk, None, None]:
         """Planned requests, window by window; ``changed`` collects the ranges they cover."""
         from_snap = base.point.snapshot.name if base.point else None
         seen = 0
-        with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as img:
-            for start, end in windows(snap.size, DIFF_WINDOW):
-                extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
-                kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
-                seen += len(extents)
-                chunks = plan(kept, start=start, end=end)
-                changed += union((c.offset, c.end) for c in chunks)
-                skip(end - start - sum(c.length for c in chunks))
-                yield from chunks
+        for start, end in windows(snap.size, DIFF_WINDOW):
+            extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
+            kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
+            seen += len(extents)
+            chunks = plan(kept, start=start, end=end)
+            changed += union((c.offset, c.end) for c in chunks)
+            skip(end - start - sum(c.length for c in chunks))
+            yield from chunks
 
-    def _check_unchanged(self, pool: ConnectionPool, snap: SnapInfo, changed: list[Range]) -> None:
+    def _check_unchanged(self, pool: ConnectionPool, img: RbdImage, snap: SnapInfo, changed: list[Range]) -> None:
         """Compare a random sample of what the diff calls unchanged with the snapshot itself.
 
         The new layer reads those regions from its backing chain (the previous
@@ -361,10 +388,9 @@ class ImageBackup:
         if not sample:
             return
         conn = pool.for_thread()
-        with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as img:
-            for (start, end), data in zip(sample, img.read_many(sample), strict=True):
-                if data != conn.pread(end - start, start):
-                    raise DiffMismatch(self.image, f"region {start}-{end} differs from the previous point")
+        for (start, end), data in zip(sample, img.read_many(sample), strict=True):
+            if data != conn.pread(end - start, start):
+                raise DiffMismatch(self.image, f"region {start}-{end} differs from the previous point")
         logger.info("%s: %d unchanged regions sampled, all equal to the snapshot", self.image, len(sample))
 
 

@@ -272,20 +272,21 @@ def _backup_prune_verify(
         report.status, report.point = SKIPPED, done_elsewhere
         report.reason = "backed up by another run since this one started"
         return
-    with w.handle.image(w.image, read_only=True) as img:
+    # One open of the image head: the skip flag is read through the handle the backup uses.
+    with w.handle.image(w.image) as img:
         if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
             report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
             return
-    opts = BackupOptions(
-        target=cfg.target,
-        parallel=cfg.parallel,
-        whole_object=cfg.whole_object,
-        check_unchanged=cfg.check_unchanged,
-        wait=True,
-        interrupt=stop.check,
-    )
-    job = ImageBackup(w.handle, daemon, tag, w.image, opts)
-    point, reason = job.run()
+        opts = BackupOptions(
+            target=cfg.target,
+            parallel=cfg.parallel,
+            whole_object=cfg.whole_object,
+            check_unchanged=cfg.check_unchanged,
+            wait=True,
+            interrupt=stop.check,
+        )
+        job = ImageBackup(w.handle, daemon, tag, w.image, opts)
+        point, reason = job.run(head=img)
     report.point, report.kind, report.reason = point.id, point.kind, reason
     report.bytes_read, report.bytes_written = job.stats.read_bytes, point.data_bytes + point.zero_bytes
     report.last_success = point.created
