@@ -113,18 +113,18 @@ class Connection:
 
 
 class ConnectionPool:
-    """Connections for ``workers`` threads: one each with multi-conn, else one shared."""
+    """Connections for ``workers`` threads: one each with multi-conn, else one shared.
+
+    A thread's own connection is opened when it first asks: a small layer
+    written by one thread costs one connect.
+    """
 
     def __init__(self, socket: Path, export: str, workers: int) -> None:
         first = Connection(socket, export)
         self.conns = [first]
         self.multi = first.can_multi_conn
-        if self.multi:
-            try:
-                self.conns += [Connection(socket, export) for _ in range(workers - 1)]
-            except BaseException:
-                self.close()
-                raise
+        self._socket, self._export = socket, export
+        self._limit = max(1, workers) if self.multi else 1
         self._local = threading.local()
         self._next = 0
         self._lock = threading.Lock()
@@ -137,6 +137,8 @@ class ConnectionPool:
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             with self._lock:
+                if self._next >= len(self.conns) and len(self.conns) < self._limit:
+                    self.conns.append(Connection(self._socket, self._export))
                 conn = self.conns[self._next % len(self.conns)]
                 self._next += 1
             self._local.conn = conn
