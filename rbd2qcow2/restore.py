@@ -224,7 +224,7 @@ def _transfer_to_rbd(
 class Source(Protocol):
     """What a reader thread of :class:`_Copier` reads from (an NBD :class:`Connection`)."""
 
-    def read(self, offset: int, length: int) -> bytes | bytearray: ...
+    def read_buffer(self, offset: int, length: int) -> bytes | bytearray: ...
 
 
 class _Copier:
@@ -321,7 +321,7 @@ class _Copier:
             self._stop.set()
 
     def _copy(self, conn: Source, chunk: Chunk) -> None:
-        data = conn.read(chunk.offset, chunk.length)
+        data = conn.read_buffer(chunk.offset, chunk.length)
         for start, end, zero in block_runs(data, ZERO_BLOCK):
             if not zero:
                 self._writes.pwrite(data if end - start == len(data) else data[start:end], chunk.offset + start)

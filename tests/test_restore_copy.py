@@ -227,7 +227,7 @@ class FakeReader:
             with self.lock:
                 self.closed += 1
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_buffer(self, offset: int, length: int) -> bytes:
         if offset == self.fail_at:
             raise OSError("injected read error")
         with self.lock:
