@@ -2,13 +2,15 @@
 
 The main thread feeds planned chunks into a bounded queue (``TODO_DEPTH``
 descriptors).  Each ``pull-N`` thread owns a reader (an ``rbd.Image``), reads a
-chunk, cuts it into blocks, records a checksum per block and sorts them into
-data runs and all-zero runs.  It hands the result to the ``write-N`` threads
-through a second bounded queue (``writers`` deep), so reads never wait for
-writes and at most ``workers + 2*writers`` chunks are in memory, whatever
-the image size.  A writer sends data runs as NBD WRITE and zero runs as
-WRITE_ZEROES (or, in a layer without backing file, not at all: it reads as
-zeros already).  Results come back to the main thread in a third queue; the
+batch (one chunk, or small chunks up to ``BATCH_BYTES`` with all requests in
+flight), cuts it into blocks, records a checksum per block and sorts them into
+data runs and all-zero runs.  It hands the batch to the ``write-N`` threads
+through a second bounded queue (2 deep), so reads never wait for writes and
+at most ``workers + 2 + writers`` batches are in memory, whatever the image
+size.  A writer sends data runs as NBD WRITE and zero runs as WRITE_ZEROES
+(or, in a layer without backing file, not at all: it reads as zeros
+already).  Results come back to the main thread in a third queue, a batch
+per item (queue operations per 64 KiB chunk cost more than the chunk); the
 first exception in any thread stops the feed and is re-raised in the main
 thread.  Threads start as work arrives: the first puller and writer with the
 first chunk, another puller only while much waits to be read (``READER_WORTH``
@@ -137,12 +139,14 @@ class Transfer:
         self._fault = fault
         self._interrupt = interrupt  # raises (Cancelled) when the caller wants the transfer stopped
         self._todo: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(maxsize=TODO_DEPTH)
-        self._writes: queue.Queue[_Job | None] = queue.Queue(maxsize=2)
-        self._done: queue.Queue[_Done] = queue.Queue()
+        # A puller's batch of jobs goes to a writer, and their results come back, in one queue item each.
+        self._writes: queue.Queue[list[_Job] | None] = queue.Queue(maxsize=2)
+        self._done: queue.Queue[list[_Done]] = queue.Queue()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
-        self._waiting = 0  # bytes to read in the planned-chunk queue
-        self._waiting_lock = threading.Lock()
+        self._queued = 0  # bytes to read put into the planned-chunk queue (by the feeding thread only)
+        self._taken = 0  # ... and taken out of it by the pullers
+        self._taken_lock = threading.Lock()
         self.stats = Stats()
 
     def run(self, chunks: Iterable[Chunk]) -> Stats:
@@ -174,19 +178,13 @@ class Transfer:
 
     def _reader_pays(self) -> bool:
         """Whether another reader is worth its image open: much waits to be read, or the queue is full."""
-        with self._waiting_lock:
-            waiting = self._waiting
-        return waiting > READER_WORTH or self._todo.full()
-
-    def _waited(self, chunk: Chunk, sign: int) -> None:
-        if chunk.kind is not Kind.ZERO:
-            with self._waiting_lock:
-                self._waiting += sign * chunk.length
+        return self._queued - self._taken > READER_WORTH or self._todo.full()
 
     def _put(self, item: tuple[int, Chunk]) -> int:
         """Queue ``item``; returns how many results were drained while the queue was full."""
         drained = 0
-        self._waited(item[1], +1)
+        if item[1].kind is not Kind.ZERO:
+            self._queued += item[1].length
         while True:
             self._raise_if_failed()
             try:
@@ -199,14 +197,17 @@ class Transfer:
         n = 0
         while True:
             try:
-                done = self._done.get(timeout=POLL) if block and n == 0 else self._done.get_nowait()
+                batch = self._done.get(timeout=POLL) if block and n == 0 else self._done.get_nowait()
             except queue.Empty:
                 return n
-            self._sums.add(done.seq, done.records)
-            for field in ("data_bytes", "zero_bytes", "skipped_bytes", "read_bytes"):
-                setattr(self.stats, field, getattr(self.stats, field) + getattr(done.stats, field))
-            self._progress(done.length)
-            n += 1
+            for done in batch:
+                self._sums.add(done.seq, done.records)
+                self.stats.data_bytes += done.stats.data_bytes
+                self.stats.zero_bytes += done.stats.zero_bytes
+                self.stats.skipped_bytes += done.stats.skipped_bytes
+                self.stats.read_bytes += done.stats.read_bytes
+            self._progress(sum(done.length for done in batch))
+            n += len(batch)
 
     def _raise_if_failed(self) -> None:
         if self._errors:
@@ -245,8 +246,7 @@ class Transfer:
                 while not last:
                     batch, last = self._next_batch(batched)
                     if batch and not self._stop.is_set():
-                        for job in self._prepare_batch(reader, batch):
-                            self._handoff(job)
+                        self._handoff(self._prepare_batch(reader, batch))
         except BaseException as exc:  # carried to the main thread
             self._fail(exc)
 
@@ -259,20 +259,22 @@ class Transfer:
         item = self._todo.get()
         if item is None:
             return [], True
-        self._waited(item[1], -1)
         batch = [item]
         size = item[1].length
+        last = False
         while batched and size < BATCH_BYTES and len(batch) < BATCH_COUNT:
             try:
                 item = self._todo.get_nowait()
             except queue.Empty:
                 break
             if item is None:
-                return batch, True  # this puller's end: it stops after the batch
-            self._waited(item[1], -1)
+                last = True  # this puller's end: it stops after the batch
+                break
             batch.append(item)
             size += item[1].length
-        return batch, False
+        with self._taken_lock:
+            self._taken += sum(c.length for _, c in batch if c.kind is not Kind.ZERO)
+        return batch, last
 
     def _prepare_batch(self, reader: Reader, batch: list[tuple[int, Chunk]]) -> list[_Job]:
         reads = [(seq, c) for seq, c in batch if c.kind is not Kind.ZERO]
@@ -282,10 +284,10 @@ class Transfer:
             data = {seq: d for (seq, _), d in zip(reads, reader.read_many(ranges), strict=True)}
         return [self._prepare(reader, seq, chunk, data.get(seq)) for seq, chunk in batch]
 
-    def _handoff(self, job: _Job) -> None:
+    def _handoff(self, jobs: list[_Job]) -> None:
         while not self._stop.is_set():
             try:
-                self._writes.put(job, timeout=POLL)
+                self._writes.put(jobs, timeout=POLL)
                 return
             except queue.Full:
                 continue
@@ -293,10 +295,11 @@ class Transfer:
     def _writer(self) -> None:
         try:
             writer = self._sink.for_thread()
-            while (job := self._writes.get()) is not None:
+            while (jobs := self._writes.get()) is not None:
                 if not self._stop.is_set():
-                    self._write(writer, job)
-                    self._done.put(job.done)
+                    for job in jobs:
+                        self._write(writer, job)
+                    self._done.put([job.done for job in jobs])
         except BaseException as exc:  # carried to the main thread
             self._fail(exc)
 
