@@ -299,7 +299,8 @@ class ImageBackup:
         # One handle on the snapshot for the diff, the first reader and the sample;
         # opened and closed in this thread, after every reader has stopped.
         with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as src:
-            first = self._plan_window(src, base, snap, 0, 0)
+            window = next(windows(snap.size, DIFF_WINDOW), (0, 0))
+            first = self._plan_window(src, base, snap, window, 0)
             export = self._export(files, self.opts.direct_io and _wants_direct_io(first[0]))
             try:
                 pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
@@ -370,9 +371,11 @@ class ImageBackup:
 
         return open_reader
 
-    def _plan_window(self, img: RbdImage, base: Base, snap: SnapInfo, start: int, seen: int) -> tuple[list[Chunk], int]:
-        """The planned requests of the diff window at ``start``, and how many extents the diff gave."""
-        end = min(start + DIFF_WINDOW, snap.size)
+    def _plan_window(
+        self, img: RbdImage, base: Base, snap: SnapInfo, window: Range, seen: int
+    ) -> tuple[list[Chunk], int]:
+        """The planned requests of one diff window, and how many extents the diff gave."""
+        start, end = window
         if end <= start:
             return [], 0
         from_snap = base.point.snapshot.name if base.point else None
@@ -392,7 +395,7 @@ class ImageBackup:
         """Planned requests, window by window (``first`` planned already); ``changed`` collects their ranges."""
         seen = 0
         for start, end in windows(snap.size, DIFF_WINDOW):
-            chunks, count = first if start == 0 else self._plan_window(img, base, snap, start, seen)
+            chunks, count = first if start == 0 else self._plan_window(img, base, snap, (start, end), seen)
             seen += count
             changed += union((c.offset, c.end) for c in chunks)
             skip(end - start - sum(c.length for c in chunks))
