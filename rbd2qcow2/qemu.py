@@ -60,11 +60,14 @@ def file_node(path: Path, *, direct: bool = False, read_only: bool = True) -> di
     return node
 
 
-def chain_options(files: Sequence[Path], *, writable_top: bool = False, direct: bool = False) -> dict[str, Any]:
+def chain_options(
+    files: Sequence[Path], *, writable_top: bool = False, direct: bool = False, aio: str | None = None
+) -> dict[str, Any]:
     """Nested qcow2 blockdev options for ``files`` (base first, top last).
 
     The base gets ``"backing": null``; each upper layer names its backing node
-    explicitly, so the headers' backing names are never followed.
+    explicitly, so the headers' backing names are never followed.  ``aio``
+    sets how the read-only layers are read (qemu's default: a thread pool).
     """
     opts: dict[str, Any] | None = None
     for i, path in enumerate(files):
@@ -77,6 +80,8 @@ def chain_options(files: Sequence[Path], *, writable_top: bool = False, direct: 
         }
         if not writable:
             node["read-only"] = True
+            if aio is not None:
+                node["file"]["aio"] = aio
         opts = node
     if opts is None:
         raise ValueError("empty chain")
@@ -440,12 +445,18 @@ class StorageDaemon:
         return reply.get("return")
 
     def export_chain(
-        self, files: Sequence[Path], *, writable: bool, direct: bool = False, name: str | None = None
+        self,
+        files: Sequence[Path],
+        *,
+        writable: bool,
+        direct: bool = False,
+        name: str | None = None,
+        aio: str | None = None,
     ) -> Export:
         """Open a chain (base first) and export its top over NBD."""
         self._count += 1
         node = f"n{self._count}"
-        opts = chain_options(files, writable_top=writable, direct=direct)
+        opts = chain_options(files, writable_top=writable, direct=direct, aio=aio)
         opts["node-name"] = node
         self.cmd("blockdev-add", **opts)
         export_id = f"e{self._count}"
@@ -456,6 +467,19 @@ class StorageDaemon:
             self.cmd("blockdev-del", **{"node-name": node})
             raise
         return Export(name=name, socket=self._nbd_socket, node=node, id=export_id)
+
+    def export_for_reading(self, files: Sequence[Path]) -> Export:
+        """A read-only export of a chain that is read whole (a restore): io_uring where qemu has it.
+
+        With a thread pool qemu spends about a third more CPU on the same reads.
+        """
+        try:
+            return self.export_chain(files, writable=False, aio="io_uring")
+        except QemuError as exc:
+            if "io_uring" not in str(exc):
+                raise
+            logger.info("io_uring not available (%s); reading with a thread pool", exc)
+            return self.export_chain(files, writable=False)
 
     def commit(self, files: Sequence[Path], base: int, progress: Callable[[int], None] | None = None) -> None:
         """Write the layers above ``files[base]`` into it (QMP ``block-commit``), then close the chain.

@@ -201,7 +201,7 @@ def _transfer_to_rbd(
 ) -> None:
     size = loc.point.size
     with qemu.storage_daemon() as daemon, cluster.image_for_bulk_writes(dest) as img:
-        export = daemon.export_chain(loc.files, writable=False)
+        export = daemon.export_for_reading(loc.files)
         writes = img.async_writes(WRITE_DEPTH, WRITE_BYTES)
         try:
             with Progress(str(dest), size, enabled=progress) as bar, Connection(export.socket, export.name) as mapper:

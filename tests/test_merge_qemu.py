@@ -146,3 +146,24 @@ def test_commit_opens_only_the_base_writable() -> None:
     assert [n["file"].get("aio") for n in layers] == [None, "io_uring", None]
     assert opts["node-name"] == "top" and layers[1]["node-name"] == "base"
     assert qemu._commit_options(files, 1, "top", "base", None)["backing"]["file"].get("aio") is None
+
+
+def test_chain_options_set_aio_on_read_only_layers_only() -> None:
+    files = [Path("a.qcow2"), Path("b.qcow2")]
+    top = qemu.chain_options(files, writable_top=True, direct=True, aio="io_uring")
+    assert top["file"] == {"driver": "file", "filename": "b.qcow2", "aio": "io_uring", "cache": {"direct": True}}
+    assert top["backing"]["file"]["aio"] == "io_uring" and top["backing"]["read-only"]
+    plain = qemu.chain_options(files)
+    assert "aio" not in plain["file"] and "aio" not in plain["backing"]["file"]
+
+
+def test_export_for_reading_reads_the_chain(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
+    from rbd2qcow2.nbdio import Connection
+
+    expected = raw(chain[-1])
+    export = daemon.export_for_reading(chain)
+    try:
+        with Connection(export.socket, export.name) as conn:
+            assert bytes(conn.read_buffer(0, SIZE)) == expected
+    finally:
+        daemon.remove_export(export)
