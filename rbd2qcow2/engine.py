@@ -36,7 +36,7 @@ from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, Locked, QemuError, StorageError, UsageError
-from .extents import Chunk, Kind, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
+from .extents import Chunk, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
 from .nbdio import ConnectionPool
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 DIFF_WINDOW = 16 << 30  # one diff call per 16 GiB: each call costs ~20 ms of set-up
 UNCHANGED_REGION = 256 << 10
-DIRECT_IO_MIN_REQUEST = 2 << 20  # O_DIRECT when most data comes in requests at least this large
 
 
 @dataclass(frozen=True)
@@ -286,8 +285,8 @@ class ImageBackup:
             checksums=mf.Checksums(sums_final.name, ALGORITHM, BLOCK_SIZE, sha),
         )
 
-    def _export(self, files: list[Path], direct: bool) -> qemu.Export:
-        if direct:
+    def _export(self, files: list[Path]) -> qemu.Export:
+        if self.opts.direct_io:
             try:
                 return self.daemon.export_chain(files, writable=True, direct=True)
             except QemuError as exc:
@@ -299,15 +298,13 @@ class ImageBackup:
         # One handle on the snapshot for the diff, the first reader and the sample;
         # opened and closed in this thread, after every reader has stopped.
         with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as src:
-            window = next(windows(snap.size, DIFF_WINDOW), (0, 0))
-            first = self._plan_window(src, base, snap, window, 0)
-            export = self._export(files, self.opts.direct_io and _wants_direct_io(first[0]))
+            export = self._export(files)
             try:
                 pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
                 try:
                     if pool.size < snap.size:
                         raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
-                    stats = self._pull(src, base, snap, pool, sums, changed, first)
+                    stats = self._pull(src, base, snap, pool, sums, changed)
                     if base.point is not None:
                         self._check_unchanged(pool, src, snap, changed)
                     pool.flush()
@@ -333,13 +330,12 @@ class ImageBackup:
         pool: ConnectionPool,
         sums: OrderedWriter,
         changed: list[Range],
-        first: tuple[list[Chunk], int],
     ) -> Stats:
         with (
             Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
             # Closed here, in this thread: a generator left to the garbage
             # collector would run its clean-up in whatever thread runs it.
-            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed, first)) as chunks,
+            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed)) as chunks,
         ):
             return Transfer(
                 open_reader=self._readers(src, snap),
@@ -371,32 +367,17 @@ class ImageBackup:
 
         return open_reader
 
-    def _plan_window(
-        self, img: RbdImage, base: Base, snap: SnapInfo, window: Range, seen: int
-    ) -> tuple[list[Chunk], int]:
-        """The planned requests of one diff window, and how many extents the diff gave."""
-        start, end = window
-        if end <= start:
-            return [], 0
-        from_snap = base.point.snapshot.name if base.point else None
-        extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
-        kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
-        return plan(kept, start=start, end=end), len(extents)
-
     def _chunks(
-        self,
-        img: RbdImage,
-        base: Base,
-        snap: SnapInfo,
-        skip: Callable[[int], None],
-        changed: list[Range],
-        first: tuple[list[Chunk], int],
+        self, img: RbdImage, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]
     ) -> Generator[Chunk, None, None]:
-        """Planned requests, window by window (``first`` planned already); ``changed`` collects their ranges."""
+        """Planned requests, window by window; ``changed`` collects the ranges they cover."""
+        from_snap = base.point.snapshot.name if base.point else None
         seen = 0
         for start, end in windows(snap.size, DIFF_WINDOW):
-            chunks, count = first if start == 0 else self._plan_window(img, base, snap, (start, end), seen)
-            seen += count
+            extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
+            kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
+            seen += len(extents)
+            chunks = plan(kept, start=start, end=end)
             changed += union((c.offset, c.end) for c in chunks)
             skip(end - start - sum(c.length for c in chunks))
             yield from chunks
@@ -417,17 +398,6 @@ class ImageBackup:
             if data != conn.pread(end - start, start):
                 raise DiffMismatch(self.image, f"region {start}-{end} differs from the previous point")
         logger.info("%s: %d unchanged regions sampled, all equal to the snapshot", self.image, len(sample))
-
-
-def _wants_direct_io(chunks: list[Chunk]) -> bool:
-    """O_DIRECT for large writes; the page cache when most data comes in small pieces.
-
-    Measured through qemu-storage-daemon on ext4: O_DIRECT writes of 4 MiB ran
-    1.6x faster than buffered ones (fsync included), but scattered 64 KiB
-    writes, each allocating a cluster at the end of the file, 2x slower.
-    """
-    reads = [c.length for c in chunks if c.kind is not Kind.ZERO]
-    return sum(n for n in reads if n >= DIRECT_IO_MIN_REQUEST) * 2 >= sum(reads) > 0
 
 
 def _mid_transfer_fault(seq: int) -> None:
