@@ -543,8 +543,8 @@ PROBES: list[tuple[str, str, str, str]] = [
     ("pipeline", "Transfer.run", "pull data", "call"),
     ("checksums", "OrderedWriter.finish", "checksum file finish", "call"),
     ("nightly", "_verify", "verify", "call"),
-    ("verify", "ChainVerifier.structure", "structure", "call"),
-    ("verify", "ChainVerifier._sums_ok", "checksum file sha256", "call"),
+    ("verify", "ChainVerifier._structure", "structure", "call"),
+    ("verify", "ChainVerifier._sums_problem", "checksum file sha256", "call"),
     ("verify", "ChainVerifier._modes", "file modes", "call"),
 ]
 
