@@ -340,6 +340,36 @@ def _daemon_env() -> dict[str, str]:
     return env
 
 
+DIR_PREFIX = "rbd2qcow2-qsd-"  # + the owner's pid + "-" + random: the daemon's sockets and log
+
+
+def _remove_stale_dirs(tmp: Path) -> None:
+    """Remove daemon directories left by processes that no longer exist (killed by SIGKILL, say).
+
+    Only directories of this user named with a pid that is not running; a
+    directory whose pid was reused by another process is left for later.
+    """
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(DIR_PREFIX):
+            continue
+        pid_text = name[len(DIR_PREFIX) :].partition("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -363,7 +393,8 @@ class StorageDaemon:
     """
 
     def __init__(self, nbd_socket: Path | None = None) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="rbd2qcow2-qsd-"))
+        _remove_stale_dirs(Path(tempfile.gettempdir()))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
         os.chmod(self._dir, 0o700)
         self._qmp: QEMUMonitorProtocol | None = None
         self._proc: subprocess.Popen[bytes] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -167,3 +168,23 @@ def test_export_for_reading_reads_the_chain(chain: list[Path], daemon: qemu.Stor
             assert bytes(conn.read_buffer(0, SIZE)) == expected
     finally:
         daemon.remove_export(export)
+
+
+def test_daemon_directories_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{qemu.DIR_PREFIX}{dead.pid}-abc"
+    alive = tmp_path / f"{qemu.DIR_PREFIX}{os.getppid()}-abc"
+    other = tmp_path / "rbd2qcow2-qsd-notapid"
+    plain = tmp_path / f"{qemu.DIR_PREFIX}{dead.pid}-file"
+    for d in (stale, alive, other):
+        d.mkdir()
+        (d / "qsd.log").write_text("")
+    plain.write_text("")
+    qemu._remove_stale_dirs(tmp_path)
+    assert not stale.exists()
+    assert alive.exists() and other.exists() and plain.exists()
+
+
+def test_a_daemon_names_its_directory_with_its_owner(daemon: qemu.StorageDaemon) -> None:
+    assert daemon._dir.name.startswith(f"{qemu.DIR_PREFIX}{os.getpid()}-")
