@@ -13,7 +13,7 @@ import pytest
 
 from rbd2qcow2 import qemu
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
-from rbd2qcow2.errors import DataError, InUse
+from rbd2qcow2.errors import DataError, InUse, QemuError
 from rbd2qcow2.merge import _verify
 
 MiB = 1 << 20
@@ -142,9 +142,10 @@ def test_commit_opens_only_the_base_writable() -> None:
     while node is not None:
         layers.append(node)
         node = node["backing"]
-    assert [n["file"]["filename"] for n in layers] == ["c.qcow2", "b.qcow2", "a.qcow2"]
-    assert [n["read-only"] for n in layers] == [True, False, True]
-    assert [n["file"].get("aio") for n in layers] == [None, "io_uring", None]
+    # The layers below the base are not opened: the base has no backing node.
+    assert [n["file"]["filename"] for n in layers] == ["c.qcow2", "b.qcow2"]
+    assert [n["read-only"] for n in layers] == [True, False]
+    assert [n["file"].get("aio") for n in layers] == [None, "io_uring"]
     assert opts["node-name"] == "top" and layers[1]["node-name"] == "base"
     assert qemu._commit_options(files, 1, "top", "base", None)["backing"]["file"].get("aio") is None
 
@@ -188,3 +189,25 @@ def test_daemon_directories_of_dead_processes_are_removed(tmp_path: Path) -> Non
 
 def test_a_daemon_names_its_directory_with_its_owner(daemon: qemu.StorageDaemon) -> None:
     assert daemon._dir.name.startswith(f"{qemu.DIR_PREFIX}{os.getpid()}-")
+
+
+def test_a_daemon_that_exits_before_connecting_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A qemu-storage-daemon that cannot start (here: an unknown option) must be
+    # reported with its own message when first used, not after the QMP timeout.
+    real_popen = subprocess.Popen
+
+    def popen(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        return real_popen([*args, "--no-such-option"], **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    start = time.monotonic()
+    with qemu.storage_daemon() as d, pytest.raises(QemuError, match="exited with status"):
+        d.cmd("query-version")
+    assert time.monotonic() - start < qemu.QMP_TIMEOUT / 2
+    assert not d.alive
+
+
+def test_a_daemon_accepts_commands_after_a_late_first_use(daemon: qemu.StorageDaemon) -> None:
+    # The daemon boots while the caller works: the first command may come late.
+    time.sleep(0.3)
+    assert "qemu" in daemon.cmd("query-version")
