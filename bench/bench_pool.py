@@ -524,7 +524,7 @@ PROBES: list[tuple[str, str, str, str]] = [
     ("engine", "ImageBackup._write_point", "write point", "call"),
     ("engine", "ImageBackup._transfer", "transfer", "call"),
     ("engine", "ImageBackup._check_unchanged", "sample unchanged", "call"),
-    ("engine", "ImageBackup._remove_old_snapshots", "remove old snapshots", "call"),
+    ("engine", "remove_snapshots", "remove old snapshots", "call"),
     ("engine", "commit_file", "rename into place", "call"),
     ("engine", "point_latest", "latest link", "call"),
     ("engine", "record", "activity log", "call"),

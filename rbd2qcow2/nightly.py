@@ -12,6 +12,7 @@ the other run.  A failure of one image is recorded and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -26,7 +27,7 @@ from . import qemu
 from .activity import record
 from .ceph import CephOptions, Cluster
 from .config import SKIP_META, ClusterConfig, RunConfig
-from .engine import BackupOptions, ImageBackup
+from .engine import BackupOptions, ImageBackup, SnapshotJanitor
 from .errors import Cancelled, Claimed, DataError, Error
 from .names import ImageSpec
 from .prune import PruneOptions, prune_chain
@@ -180,12 +181,14 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
     lock = threading.Lock()
     errors: list[BaseException] = []
     stop = _Stop()
+    # Old snapshots are removed while the jobs go on to their next image.
+    janitor = SnapshotJanitor(workers=max(2, cfg.jobs))
 
     def job() -> None:
         try:
             with qemu.storage_daemon() as daemon:
                 while (item := _next(todo)) is not None:
-                    r = _one(cfg, tag, item, daemon, started, stop)
+                    r = _one(cfg, tag, item, daemon, started, stop, janitor)
                     with lock:
                         results.append(r)
         except BaseException as exc:  # carried to the main thread
@@ -203,7 +206,10 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
         logger.warning("%s: stopping the images in progress", exc)
         _drain(todo)
         _join(threads, deadline=time.monotonic() + STOP_GRACE)
+        janitor.close(skip_pending=True)
         raise
+    finally:
+        janitor.close()
     if errors:
         raise errors[0]
     return results
@@ -231,13 +237,21 @@ def _drain(todo: queue.Queue[_Work | None]) -> None:
         pass
 
 
-def _one(cfg: RunConfig, tag: str, w: _Work, daemon: qemu.StorageDaemon, started: datetime, stop: _Stop) -> ImageReport:
+def _one(
+    cfg: RunConfig,
+    tag: str,
+    w: _Work,
+    daemon: qemu.StorageDaemon,
+    started: datetime,
+    stop: _Stop,
+    janitor: SnapshotJanitor,
+) -> ImageReport:
     report = ImageReport(w.cluster.name, w.image)
     t0 = time.monotonic()
     try:
         stop.check()
         with w.handle.claim(w.image, cfg.claim_ttl):
-            _backup_prune_verify(cfg, tag, w, daemon, started, report, stop)
+            _backup_prune_verify(cfg, tag, w, daemon, started, report, stop, janitor)
     except Claimed as exc:
         report.status, report.reason = SKIPPED, str(exc)
     except Cancelled:
@@ -265,6 +279,7 @@ def _backup_prune_verify(
     started: datetime,
     report: ImageReport,
     stop: _Stop,
+    janitor: SnapshotJanitor,
 ) -> None:
     directory = chain_dir(cfg.target, w.image)
     done_elsewhere = _point_since(directory, started)
@@ -272,8 +287,10 @@ def _backup_prune_verify(
         report.status, report.point = SKIPPED, done_elsewhere
         report.reason = "backed up by another run since this one started"
         return
-    # One open of the image head: the skip flag is read through the handle the backup uses.
-    with w.handle.image(w.image) as img:
+    # One open of the image head: the skip flag is read through the handle the backup uses,
+    # which then goes to the janitor, to remove the snapshot the previous point needed.
+    with contextlib.ExitStack() as stack:
+        img = stack.enter_context(w.handle.image(w.image))
         if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
             report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
             return
@@ -286,7 +303,9 @@ def _backup_prune_verify(
             interrupt=stop.check,
         )
         job = ImageBackup(w.handle, daemon, tag, w.image, opts)
-        point, reason = job.run(head=img)
+        old: list[str] = []
+        point, reason = job.run(head=img, old_snapshots=old)
+        janitor.submit(w.image, img, old, stack.pop_all())
     report.point, report.kind, report.reason = point.id, point.kind, reason
     report.bytes_read, report.bytes_written = job.stats.read_bytes, point.data_bytes + point.zero_bytes
     report.last_success = point.created

@@ -62,6 +62,18 @@ def test_two_concurrent_runs_back_up_each_image_once(pool: Ceph, tmp_path: Path)
     for name in names:
         m = mf.load(chain_dir(target, ImageSpec(pool.pool, "", name)))
         assert m is not None and len(m.points) == 1, name
+    # A second round, again on two hosts at once: each image gets an incremental point,
+    # and the snapshot of its first point is removed (by the run that made the new one,
+    # in the background), leaving exactly the snapshot of the latest point.
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert "not removed" not in err, err
+    for name in names:
+        m = mf.load(chain_dir(target, ImageSpec(pool.pool, "", name)))
+        assert m is not None and len(m.points) == 2 and m.latest is not None, name
+        assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == [m.latest.snapshot.name], name
     proc = run_cli("verify", "--target", str(target), "--deep")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
