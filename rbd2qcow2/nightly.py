@@ -332,7 +332,7 @@ def _verify(cfg: RunConfig, w: _Work, directory: Path, daemon: qemu.StorageDaemo
         sample=cfg.verify.source_sample,
         parallel=cfg.parallel,
         structure=cfg.verify.structure,
-        check_all_layers=False,  # the older layers were checked when they were written
+        check_layers=False,  # the backup (and a prune) checked the layers they wrote; older ones when written
     )
     result = Report()
     m = mf.load(directory)

@@ -75,8 +75,10 @@ class VerifyOptions:
     source: bool = False
     sample: float = 1.0  # fraction of the image compared with the RBD snapshot by --source
     structure: bool = True
-    # qemu-img check every layer (verify), or only the checked points' own layers (after a backup)
-    check_all_layers: bool = True
+    # qemu-img check every layer (verify), or none: after a backup, which checked the layer it
+    # wrote before renaming it into place, as a prune checks a merged layer and older layers were
+    # checked when they were written
+    check_layers: bool = True
     parallel: int = 4
     progress: bool = False
     ceph: CephOptions | None = None
@@ -202,7 +204,7 @@ class ChainVerifier:
         if self.opts.structure:
             files = self._files()
             unsafe = {pid for pid, found in files.items() if any(found)}
-            checks = self._checks(unsafe, None if self.opts.check_all_layers else set(point_ids))
+            checks = self._checks(unsafe, None if self.opts.check_layers else set())
             if self.opts.deep:
                 first = self._look_ahead(point_ids, unsafe)
                 if first is not None:
