@@ -61,7 +61,7 @@ from .errors import ChainDamaged, DataError
 from .extents import Chunk, Extent, boundary_extent, plan
 from .faults import crashpoint
 from .progress import Progress
-from .qcow2 import read_header
+from .qcow2 import host_clusters, read_header
 
 if TYPE_CHECKING:
     from .nbdio import Connection
@@ -242,13 +242,13 @@ def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tup
     """Read back every block the merge wrote, through the new chain, against its checksum.
 
     Every block the merge wrote lies in the merged layer, the top of
-    ``files``: qemu maps that layer alone (where each of its clusters lies);
+    ``files``: its L2 tables (or qemu) say where each of its clusters lies;
     blocks it holds as data are hashed from the file, blocks it holds as zero
     clusters must have been recorded as zeros, and anything else (a block the
     layer leaves to its backing files, a compressed cluster, a block split
     between extents) is read through a qemu NBD export of the whole chain.
     """
-    plan = plan_read_back(qemu.map_own(files[-1]), records, size, len(files))
+    plan = plan_read_back(own_extents(files[-1]), records, size, len(files))
     for index, dig in plan.zeros:
         if dig != zero_digest(min(BLOCK_SIZE, size - index * BLOCK_SIZE)):
             raise DataError(f"merged layer reads zeros at offset {index * BLOCK_SIZE}; merge abandoned")
@@ -269,6 +269,18 @@ def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tup
             os.close(fd)
     if plan.qemu:
         _verify_nbd(daemon, files, plan.qemu, size)
+
+
+def own_extents(path: Path) -> list[qemu.HostExtent]:
+    """Where the layer ``path`` keeps its own clusters: from its L2 tables, else by ``qemu-img map``.
+
+    Reading the tables takes a few milliseconds; ``qemu-img map`` 15-25 ms.
+    """
+    runs = host_clusters(path)
+    if runs is None:
+        logger.info("%s: cluster map read by qemu-img map", path.name)
+        return qemu.map_own(path)
+    return [qemu.HostExtent(start, length, 0, zero, not zero, host) for start, length, zero, host in runs]
 
 
 def _check_run(data: memoryview, run: list[tuple[int, bytes]], size: int) -> None:

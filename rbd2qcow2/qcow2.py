@@ -6,7 +6,12 @@ data file, write) outside the chain.  :func:`check_header` accepts a file only
 if its header is exactly what the manifest expects: qcow2 version 3, no
 encryption, no external data file, not marked corrupt, and a backing file
 that is either absent or the expected sibling name with format ``qcow2``.
-Only the header is parsed here; data is always read through qemu.
+
+Beyond headers, only :func:`host_clusters` reads qcow2 metadata: where a
+layer this process has just written keeps its clusters, for the merge's
+read-back (which hashes them against the recorded checksums, while
+``qemu-img check`` checks the same layer).  Anything it does not expect
+makes it give up, and the caller asks ``qemu-img map`` instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ EXT_ENCRYPTION = 0x0537BE77
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_EXTENDED_L2 = 1 << 4
 INCOMPAT_KNOWN = 0b11111  # dirty, corrupt, data file, compression type, extended L2
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
@@ -130,3 +136,90 @@ def read_header(path: Path) -> Header:
     finally:
         os.close(fd)
     return parse_header(raw, str(path))
+
+
+_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # bits 9-55: an L1 entry's L2 table, an L2 entry's cluster
+_L1_RESERVED = 0x7F00_0000_0000_01FF
+_L2_RESERVED = 0x3F00_0000_0000_01FE  # of a standard (uncompressed) cluster's entry
+_L2_COMPRESSED = 1 << 62
+_L2_ZERO = 1
+
+
+def host_clusters(path: Path) -> list[tuple[int, int, bool, int | None]] | None:
+    """What the layer ``path`` itself allocates, from its L1 and L2 tables; None if unsure.
+
+    Runs of ``(virtual offset, length, reads as zero, host offset)`` in
+    virtual order; the host offset is None for zero and compressed clusters,
+    and consecutive clusters stored one after another form one run.
+    Clusters the layer leaves to its backing file are left out.  None (ask
+    qemu) for anything but a plain version-3 layer with tables inside the
+    file: extended L2 entries, an external data file, a reserved bit set,
+    or an offset out of bounds or unaligned.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _host_clusters(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+def _host_clusters(fd: int, where: str) -> list[tuple[int, int, bool, int | None]] | None:
+    file_size = os.fstat(fd).st_size
+    raw = os.pread(fd, HEADER_READ, 0)
+    try:
+        h = parse_header(raw, where)
+    except ChainDamaged:
+        return None
+    if h.version != 3 or h.has_data_file or h.incompatible & (INCOMPAT_EXTENDED_L2 | INCOMPAT_CORRUPT):
+        return None
+    cluster = 1 << h.cluster_bits
+    per_l2 = cluster // 8
+    l1_size, l1_offset = struct.unpack_from(">IQ", raw, 36)
+    clusters = -(-h.size // cluster)
+    if l1_size * per_l2 < clusters or l1_offset % cluster or l1_offset + l1_size * 8 > file_size:
+        return None
+    l1 = struct.unpack(f">{l1_size}Q", os.pread(fd, l1_size * 8, l1_offset))
+    # Plain data clusters, the usual entry, take the first branch of the loop; a run
+    # is (start, length, zero, host) kept in locals until the next one begins.
+    runs: list[tuple[int, int, bool, int | None]] = []
+    r_start = r_len = 0
+    r_zero, r_host = False, None
+    data_limit = file_size - cluster  # a data cluster must lie wholly inside the file
+    for i, l1_entry in enumerate(l1[: -(-clusters // per_l2)]):
+        l2_offset = l1_entry & _OFFSET_MASK
+        if l1_entry & _L1_RESERVED or (l2_offset and l2_offset + cluster > file_size):
+            return None
+        if not l2_offset:
+            continue
+        first = i * per_l2
+        for j, entry in enumerate(struct.unpack(f">{per_l2}Q", os.pread(fd, cluster, l2_offset))):
+            if not entry:
+                continue
+            start = (first + j) * cluster
+            if start >= h.size:
+                return None  # an entry past the virtual size
+            if entry & _L2_COMPRESSED:
+                zero, host = False, None
+            else:
+                if entry & _L2_RESERVED:
+                    return None
+                zero = bool(entry & _L2_ZERO)
+                host = None if zero else entry & _OFFSET_MASK
+                if host is not None and (not host or host % cluster or host > data_limit):
+                    return None
+            if r_len and r_start + r_len == start and r_zero == zero:
+                if host is not None and r_host is not None and host == r_host + r_len:
+                    r_len += cluster
+                    continue
+                if zero:
+                    r_len += cluster
+                    continue
+            if r_len:
+                runs.append((r_start, r_len, r_zero, r_host))
+            r_start, r_len, r_zero, r_host = start, cluster, zero, host
+    if r_len:
+        runs.append((r_start, min(r_len, h.size - r_start), r_zero, r_host))
+    return runs
