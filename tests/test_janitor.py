@@ -78,3 +78,13 @@ def test_after_an_exception_pending_removals_are_skipped_but_every_image_is_clos
     assert first.snapshots == set()  # the removal in progress completed
     assert all(img.snapshots == {"old"} for img in rest)  # the pending ones were skipped
     assert first.closed and all(img.closed for img in rest)
+
+
+def test_an_unexpected_exception_in_the_background_is_logged_and_the_image_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    img = FakeImage(["old"], fail={"old": RuntimeError("a bug")})
+    with caplog.at_level(logging.ERROR), SnapshotJanitor() as janitor:
+        janitor.submit(IMAGE, cast(RbdImage, img), ["old"], owned(img))
+    assert img.closed
+    assert "rbd/vm: removing old snapshots failed" in caplog.text and "a bug" in caplog.text
