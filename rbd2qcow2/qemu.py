@@ -429,8 +429,11 @@ class StorageDaemon:
         """Spawn the daemon; it connects to our QMP socket, which :meth:`_connect` accepts on first use."""
         qmp_path = self._dir / "qmp.sock"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(qmp_path))
-        self._listener.listen(1)
+        try:
+            self._listener.bind(str(qmp_path))
+            self._listener.listen(1)
+        except OSError as exc:  # a socket path is at most 107 bytes: a long TMPDIR
+            raise QemuError(f"cannot listen on the QMP socket {qmp_path}: {exc.strerror or exc}") from exc
         log = open(self._dir / "qsd.log", "wb")  # noqa: SIM115 - kept by the child
         with log:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +212,14 @@ def test_a_daemon_accepts_commands_after_a_late_first_use(daemon: qemu.StorageDa
     # The daemon boots while the caller works: the first command may come late.
     time.sleep(0.3)
     assert "qemu" in daemon.cmd("query-version")
+
+
+def test_a_temporary_directory_too_long_for_a_socket_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with pytest.raises(QemuError, match="cannot listen on the QMP socket"), qemu.storage_daemon():
+        pass
+    assert not [p for p in deep.iterdir() if p.name.startswith(qemu.DIR_PREFIX)]  # nothing left behind
