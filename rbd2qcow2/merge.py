@@ -207,8 +207,15 @@ class ReadBack:
 def plan_read_back(
     extents: Sequence[qemu.HostExtent], records: Iterable[tuple[int, bytes]], size: int, layers: int
 ) -> ReadBack:
-    """Where each recorded block lies in the chain of ``layers`` files, by qemu's map (sorted by start)."""
+    """Where each recorded block lies in the chain of ``layers`` files, by qemu's map (sorted by start).
+
+    The blocks found in layer files are grouped in the order they lie in
+    the files: a run is blocks stored one after another, whatever their
+    virtual offsets (a commit appends the clusters it allocates), read with
+    one request of at most ``VERIFY_READ`` bytes.
+    """
     plan = ReadBack()
+    found: list[tuple[int, int, int, bytes]] = []  # layer, host offset, index, digest
     i = 0
     for index, dig in records:
         start = index * BLOCK_SIZE
@@ -221,20 +228,21 @@ def plan_read_back(
         elif e.zero:
             plan.zeros.append((index, dig))
         elif e.data and e.offset is not None and 0 <= e.depth < layers:
-            layer, offset = layers - 1 - e.depth, e.offset + start - e.start
-            last = plan.host[-1] if plan.host else None
-            if (
-                last is not None
-                and last[0] == layer
-                and last[1] + len(last[2]) * BLOCK_SIZE == offset
-                and last[2][-1][0] + 1 == index
-                and len(last[2]) * BLOCK_SIZE < VERIFY_READ
-            ):
-                last[2].append((index, dig))
-            else:
-                plan.host.append((layer, offset, [(index, dig)]))
+            found.append((layers - 1 - e.depth, e.offset + start - e.start, index, dig))
         else:
             plan.qemu.append((index, dig))
+    found.sort()
+    for layer, offset, index, dig in found:
+        last = plan.host[-1] if plan.host else None
+        if (
+            last is not None
+            and last[0] == layer
+            and last[1] + len(last[2]) * BLOCK_SIZE == offset
+            and len(last[2]) * BLOCK_SIZE < VERIFY_READ
+        ):
+            last[2].append((index, dig))
+        else:
+            plan.host.append((layer, offset, [(index, dig)]))
     return plan
 
 
@@ -252,23 +260,37 @@ def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tup
     for index, dig in plan.zeros:
         if dig != zero_digest(min(BLOCK_SIZE, size - index * BLOCK_SIZE)):
             raise DataError(f"merged layer reads zeros at offset {index * BLOCK_SIZE}; merge abandoned")
-    buf = bytearray(VERIFY_READ)
     fds: dict[int, int] = {}
     try:
-        for layer, offset, run in plan.host:
+        for layer, _, _ in plan.host:
             if layer not in fds:
                 fds[layer] = os.open(files[layer], os.O_RDONLY | os.O_CLOEXEC)
-            first = run[0][0] * BLOCK_SIZE
-            length = min(len(run) * BLOCK_SIZE, size - first)
-            view = memoryview(buf)[:length]
-            if os.preadv(fds[layer], [view], offset) != length:
-                raise DataError(f"merged layer is shorter than qemu maps it near offset {first}; merge abandoned")
-            _check_run(view, run, size)
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            shares = [plan.host[k::VERIFY_THREADS] for k in range(VERIFY_THREADS)]
+            for done in [pool.submit(_read_runs, fds, share, size) for share in shares]:
+                done.result()
     finally:
         for fd in fds.values():
             os.close(fd)
     if plan.qemu:
         _verify_nbd(daemon, files, plan.qemu, size)
+
+
+VERIFY_THREADS = 2  # the copies out of the page cache run on both CPUs
+
+
+def _read_runs(fds: dict[int, int], runs: list[tuple[int, int, list[tuple[int, bytes]]]], size: int) -> None:
+    """Read runs of stored blocks (layer, host offset, blocks) and check each block."""
+    buf = bytearray(VERIFY_READ)
+    for layer, offset, run in runs:
+        tail = min(BLOCK_SIZE, size - run[-1][0] * BLOCK_SIZE)
+        length = (len(run) - 1) * BLOCK_SIZE + tail
+        view = memoryview(buf)[:length]
+        if os.preadv(fds[layer], [view], offset) != length:
+            raise DataError(
+                f"merged layer is shorter than qemu maps it near offset {run[0][0] * BLOCK_SIZE}; merge abandoned"
+            )
+        _check_run(view, run, size)
 
 
 def own_extents(path: Path) -> list[qemu.HostExtent]:
@@ -284,8 +306,9 @@ def own_extents(path: Path) -> list[qemu.HostExtent]:
 
 
 def _check_run(data: memoryview, run: list[tuple[int, bytes]], size: int) -> None:
-    for pos, (index, dig) in zip(range(0, len(data), BLOCK_SIZE), run, strict=True):
-        if digest(data[pos : pos + BLOCK_SIZE]) != dig:
+    """Blocks stored one after another in ``data``: block k at ``k * BLOCK_SIZE``."""
+    for pos, (index, dig) in zip(range(0, len(run) * BLOCK_SIZE, BLOCK_SIZE), run, strict=True):
+        if digest(data[pos : pos + min(BLOCK_SIZE, size - index * BLOCK_SIZE)]) != dig:
             raise DataError(
                 f"merged layer does not read back as written at offset {index * BLOCK_SIZE}; merge abandoned"
             )

@@ -135,6 +135,22 @@ def test_read_back_reads_blocks_the_merged_layer_leaves_to_its_backing(
         _verify(daemon, [a, l1], [*other, records[1]], SIZE)
 
 
+def test_read_back_of_blocks_stored_out_of_virtual_order_with_a_short_last_block(
+    tmp_path: Path, daemon: qemu.StorageDaemon
+) -> None:
+    size = MiB + 512  # the last block holds 512 bytes
+    layer = tmp_path / "odd.qcow2"
+    qemu.create_layer(layer, size, None)
+    io(layer, f"write -P 0x44 {MiB} 512", "write -P 0x55 0 64k", "write -P 0x66 128k 64k")  # stored in this order
+    data = raw(layer)
+    assert len(data) == size
+    records = records_of(data, [0, 2]) + unpack_records(block_records(16 * BLOCK_SIZE, data[16 * BLOCK_SIZE :])[0])
+    _verify(daemon, [layer], sorted(records), size)
+    wrong = [(i, d if i != 16 else records[0][1]) for i, d in sorted(records)]
+    with pytest.raises(DataError, match=str(16 * BLOCK_SIZE)):
+        _verify(daemon, [layer], wrong, size)
+
+
 def test_commit_opens_only_the_base_writable() -> None:
     files = [Path("a.qcow2"), Path("b.qcow2"), Path("c.qcow2")]
     opts = qemu._commit_options(files, 1, "top", "base", "io_uring")

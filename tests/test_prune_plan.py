@@ -13,7 +13,7 @@ from rbd2qcow2 import manifest as mf
 from rbd2qcow2 import prune, qemu
 from rbd2qcow2.errors import ChainDamaged, NotFound
 from rbd2qcow2.extents import Extent
-from rbd2qcow2.merge import merge_extents, plan_read_back
+from rbd2qcow2.merge import VERIFY_READ, merge_extents, plan_read_back
 from rbd2qcow2.merge import method as merge_method
 from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.prune import Delete, ImagePlan, Merge, PruneOptions
@@ -506,13 +506,30 @@ def test_plan_read_back_coalesces_contiguous_host_blocks() -> None:
     extents = [hx(0, 4, 0, offset=10 * BS), hx(4, 2, 1, offset=0), hx(6, 2, 0, zero=True)]
     records = [(0, b"a"), (1, b"b"), (3, b"c"), (4, b"d"), (5, b"e"), (6, b"z")]
     plan = plan_read_back(extents, records, 8 * BS, 2)
-    assert plan.host == [
+    assert plan.host == [  # in file order: layer, then host offset
+        (0, 0, [(4, b"d"), (5, b"e")]),
         (1, 10 * BS, [(0, b"a"), (1, b"b")]),  # depth 0 = the top = index 1 of two files
         (1, 13 * BS, [(3, b"c")]),  # block 2 is not recorded: a new read
-        (0, 0, [(4, b"d"), (5, b"e")]),
     ]
     assert plan.zeros == [(6, b"z")]
     assert plan.qemu == []
+
+
+def test_plan_read_back_follows_the_file_not_the_virtual_order() -> None:
+    # A commit appends clusters: virtual blocks 7, 2 and 5 stored one after another.
+    extents = [hx(2, 1, 0, offset=21 * BS), hx(5, 1, 0, offset=22 * BS), hx(7, 1, 0, offset=20 * BS)]
+    plan = plan_read_back(extents, [(2, b"b"), (5, b"c"), (7, b"a")], 8 * BS, 1)
+    assert plan.host == [(0, 20 * BS, [(7, b"a"), (2, b"b"), (5, b"c")])]
+
+
+def test_plan_read_back_splits_reads_at_the_limit() -> None:
+    blocks = 2 * VERIFY_READ // BS + 1
+    plan = plan_read_back([hx(0, blocks, 0, offset=0)], [(i, b"x") for i in range(blocks)], blocks * BS, 1)
+    assert [(offset, len(run)) for _, offset, run in plan.host] == [
+        (0, VERIFY_READ // BS),
+        (VERIFY_READ, VERIFY_READ // BS),
+        (2 * VERIFY_READ, 1),
+    ]
 
 
 def test_plan_read_back_sends_the_rest_to_qemu() -> None:
