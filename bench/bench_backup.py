@@ -6,7 +6,10 @@ same content.  Incremental backup: ``rbd2qcow2 backup`` against
 whole process (wall time, CPU time and peak RSS of the child); see
 ``bench/README.md`` for the design and the last measured numbers.
 
-    .venv/bin/python bench/bench_backup.py [--size-gib 2] [--runs 3] [--memory-8g] [--keep]
+    flock /tmp/r2q-bench.lock .venv/bin/python bench/bench_backup.py [--size-gib 2] [--runs 3] [--memory-8g] [--keep]
+
+The script also takes that lock itself, for its whole run, so that only one
+benchmark measures at a time however it is started.
 
 Without ``--conf`` a throwaway one-OSD cluster is started (and stopped at the
 end); with ``--conf CONF --pool POOL`` the images are made in that pool and
@@ -25,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,9 +44,9 @@ from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.target import chain_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchlib import GNU_TIME, GiB, KiB, Measurement, MiB, bench_lock, first_difference, log, measure
 from cephcluster import CephCluster
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 OBJECT = 4 * MiB
 FEATURES = "layering,exclusive-lock,object-map,fast-diff"
 SCATTER_WRITES = 1600
@@ -52,147 +54,9 @@ SCATTER_SIZE = 64 * KiB
 FILL_FRACTION = 0.75
 FILL_FRACTION_8G = 0.25
 WRITER_THREADS = 4
-SAMPLE_INTERVAL = 0.1
 OSD_SIZE_GIB = 30
-GNU_TIME = shutil.which("time")  # /usr/bin/time, Debian package "time"
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // KiB
-TICKS = os.sysconf("SC_CLK_TCK")
 TARGETS: dict[str, tuple[float, float] | None] = {"full": (1.0, 0.6), "incremental": (1.5, 1.0), "overhead": None}
 MEMORY_LIMIT_MIB = 200
-
-
-# ----------------------------------------------------------------- measuring
-
-
-@dataclass
-class Measurement:
-    """One process run: wall seconds, CPU seconds, peak RSS (KiB), where the CPU went."""
-
-    wall: float
-    cpu: float
-    maxrss_kib: int  # ru_maxrss (through GNU time): the largest single process of the tree
-    tree_rss_kib: int  # sampled peak of the summed RSS of the child and its descendants
-    threads: dict[str, float] = field(default_factory=dict)  # "process/thread" -> CPU seconds (sampled)
-    osd_cpu: float | None = None  # CPU seconds of the throwaway cluster's OSD meanwhile
-    machine: dict[str, float] = field(default_factory=dict)  # whole machine meanwhile: busy, idle, iowait, steal
-
-
-class TreeSampler(threading.Thread):
-    """Samples RSS and per-thread CPU of a process and its descendants every 0.1 s."""
-
-    def __init__(self, root: int, *, skip_root: bool) -> None:
-        super().__init__(name="sampler", daemon=True)
-        self.root = root
-        self.skip_root = skip_root
-        self.peak_rss_kib = 0
-        self._cpu: dict[tuple[int, int], tuple[str, float]] = {}
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.sample()
-            self._stop_event.wait(SAMPLE_INTERVAL)
-
-    def stop(self) -> dict[str, float]:
-        self._stop_event.set()
-        self.join()
-        out: dict[str, float] = {}
-        for name, cpu in self._cpu.values():
-            out[name] = out.get(name, 0.0) + cpu
-        return out
-
-    def sample(self) -> None:
-        rss = 0
-        for pid in _descendants(self.root)[1 if self.skip_root else 0 :]:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
-                self._sample_threads(pid)
-        self.peak_rss_kib = max(self.peak_rss_kib, rss)
-
-    def _sample_threads(self, pid: int) -> None:
-        proc = _stat(Path(f"/proc/{pid}/stat"))[0]
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                tid = int(task.name)
-                comm, fields = _stat(task / "stat")
-                name = f"{proc}/{'main' if tid == pid else comm}"
-                self._cpu[(pid, tid)] = (name, (int(fields[11]) + int(fields[12])) / TICKS)
-
-
-def _stat(path: Path) -> tuple[str, list[str]]:
-    """``comm`` and the fields after it (``fields[0]`` is the state) of a /proc stat file."""
-    text = path.read_text()
-    return text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                children.setdefault(int(_stat(Path(entry.path, "stat"))[1][1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
-def _cpu_of(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        fields = _stat(Path(f"/proc/{pid}/stat"))[1]
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _machine() -> dict[str, float]:
-    """Seconds of all CPUs since boot from /proc/stat: busy, idle, iowait and steal (by the hypervisor)."""
-    user, nice, system, idle, iowait, irq, softirq, steal = (
-        int(v) / TICKS for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    return {"busy": user + nice + system + irq + softirq, "idle": idle, "iowait": iowait, "steal": steal}
-
-
-def measure(cmd: Sequence[str], env: dict[str, str], log: Path, osd_pid: int | None) -> Measurement:
-    """Run ``cmd`` to completion; wall time around the whole process, rusage by wait4.
-
-    The peak RSS comes from GNU time, which runs ``cmd`` as its child: on
-    Linux a child's ru_maxrss also counts the RSS of the process that forked
-    it (the kernel records the pre-exec mm's high-water mark at exec), so a
-    command spawned straight from this process (librados, ~100 MiB) would
-    never report less than this process's own RSS.
-    """
-    osd_before, machine_before = _cpu_of(osd_pid), _machine()
-    rss_file = log.with_suffix(".rss")
-    launcher = [GNU_TIME, "-f", "%M", "-o", str(rss_file)] if GNU_TIME else []
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [*launcher, *cmd], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-        sampler = TreeSampler(proc.pid, skip_root=bool(launcher))
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    threads = sampler.stop()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    osd_after, machine_after = _cpu_of(osd_pid), _machine()
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
-    return Measurement(
-        wall=wall,
-        cpu=usage.ru_utime + usage.ru_stime,
-        maxrss_kib=int(rss_file.read_text().split()[-1]) if launcher else usage.ru_maxrss,
-        tree_rss_kib=sampler.peak_rss_kib,
-        threads=threads,
-        osd_cpu=None if osd_before is None or osd_after is None else osd_after - osd_before,
-        machine={key: machine_after[key] - machine_before[key] for key in machine_after},
-    )
 
 
 # ------------------------------------------------------------------- the cluster
@@ -437,20 +301,6 @@ def verify(bench: Bench, target: Path, name: str, snap: str) -> None:
     log(f"checked: {point.kind} point {point.id} equals rbd export of {name}@{snap}")
 
 
-def first_difference(a: Path, b: Path) -> int | None:
-    """Offset of the first differing byte (or of the shorter file's end), None if equal."""
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        offset = 0
-        while True:
-            x, y = fa.read(4 * MiB), fb.read(4 * MiB)
-            if x != y:
-                diffs = (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q)
-                return offset + next(diffs, min(len(x), len(y)))
-            if not x:
-                return None
-            offset += len(x)
-
-
 # -------------------------------------------------------------------- the report
 
 
@@ -538,10 +388,6 @@ def load_line(rows: list[tuple[str, Pair, str]]) -> str:
 
 
 # ---------------------------------------------------------------------- main
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -639,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images: list[str] = []
     table, fs_type = "", filesystem_type(out)
     try:
-        with bench_context(args, work, out) as bench:
+        with bench_lock(), bench_context(args, work, out) as bench:
             try:
                 table = run_bench(bench, args, images)
             finally:

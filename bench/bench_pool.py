@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -40,7 +39,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+from benchlib import (
+    GNU_TIME,
+    TICKS,
+    GiB,
+    KiB,
+    MiB,
+    TreeSampler,
+    bench_lock,
+    cpu_of,
+    first_difference,
+    log,
+    machine,
+    proc_stat,
+)
+
 OBJECT = 4 * MiB
 FEATURES = "layering,exclusive-lock,object-map,fast-diff"
 FILL_FRACTION = 0.5  # of each image's 4 MiB objects, written with random data
@@ -49,58 +62,8 @@ CHANGE_WRITE = 64 * KiB
 WRITER_THREADS = 4
 OSD_SIZE_GIB = 20
 POOL = "bench"
-LOCK_PATH = Path("/tmp/r2q-bench.lock")
-GNU_TIME = shutil.which("time")  # /usr/bin/time, Debian package "time"
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // KiB
-TICKS = os.sysconf("SC_CLK_TCK")
-SAMPLE_INTERVAL = 0.1
 TARGET = (1.0, 0.5)  # incremental run / sequential export-diff: required, aim
 REPO = Path(__file__).resolve().parent.parent
-
-
-# ------------------------------------------------------------------- the lock
-
-
-@contextlib.contextmanager
-def bench_lock(path: Path = LOCK_PATH) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` for the block; waits for other benchmarks.
-
-    Run under ``flock PATH cmd`` the lock is already held on an inherited
-    file descriptor (the same open file description): locking that one
-    succeeds at once instead of waiting for ourselves.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        inherited = _inherited_fd(path)
-        if inherited is not None:
-            fcntl.flock(inherited, fcntl.LOCK_EX)
-            log(f"holding {path} (inherited from flock(1), fd {inherited})")
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"waiting for {path}: another benchmark is measuring")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            log(f"holding {path}")
-        yield
-    finally:
-        os.close(fd)
-
-
-def _inherited_fd(path: Path) -> int | None:
-    want = os.stat(path)
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError, ValueError):
-            st = os.fstat(int(name))
-            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-                return int(name)
-    return None
-
-
-# ------------------------------------------------------------------ measuring
 
 
 @dataclass
@@ -118,69 +81,6 @@ class Measurement:
     depth: int = 0  # points per chain after the run (ours)
 
 
-class RssSampler(threading.Thread):
-    """Samples the summed RSS of a process and its descendants every 0.1 s."""
-
-    def __init__(self, root: int, *, skip_root: bool) -> None:
-        super().__init__(name="sampler", daemon=True)
-        self.root = root
-        self.skip_root = skip_root
-        self.peak_kib = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            rss = 0
-            for pid in _descendants(self.root)[1 if self.skip_root else 0 :]:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
-            self.peak_kib = max(self.peak_kib, rss)
-            self._stop_event.wait(SAMPLE_INTERVAL)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return self.peak_kib
-
-
-def _stat(path: Path) -> tuple[str, list[str]]:
-    """``comm`` and the fields after it (``fields[0]`` is the state) of a /proc stat file."""
-    text = path.read_text()
-    return text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                children.setdefault(int(_stat(Path(entry.path, "stat"))[1][1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
-def _cpu_of(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        fields = _stat(Path(f"/proc/{pid}/stat"))[1]
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _busy() -> float:
-    """CPU seconds of all CPUs since boot, from /proc/stat (user, nice, system, irq, softirq)."""
-    user, nice, system, _idle, _iowait, irq, softirq = (
-        int(v) / TICKS for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
-    )
-    return user + nice + system + irq + softirq
-
-
 def measure(
     cmds: Sequence[Sequence[str]], env: dict[str, str], log_path: Path, osd_pid: int | None, *, ours: bool
 ) -> Measurement:
@@ -191,7 +91,7 @@ def measure(
     Linux carries the pre-exec high-water mark into the child's ru_maxrss.
     Its stdout (the ``--json`` summary) is kept apart from its stderr.
     """
-    osd_before, busy_before = _cpu_of(osd_pid), _busy()
+    osd_before, busy_before = cpu_of(osd_pid), machine()["busy"]
     rss_file = log_path.with_suffix(".rss")
     json_file = log_path.with_suffix(".json")
     launcher = [GNU_TIME, "-f", "%M", "-o", str(rss_file)] if ours and GNU_TIME else []
@@ -202,19 +102,20 @@ def measure(
             proc = subprocess.Popen(
                 [*launcher, *cmd], stdin=subprocess.DEVNULL, stdout=out if ours else err, stderr=err, env=env
             )
-            sampler = RssSampler(proc.pid, skip_root=bool(launcher)) if ours else None
+            sampler = TreeSampler(proc.pid, skip_root=bool(launcher), threads=False) if ours else None
             if sampler:
                 sampler.start()
             _, status, usage = os.wait4(proc.pid, 0)
             if sampler:
-                tree_kib = max(tree_kib, sampler.stop())
+                sampler.stop()
+                tree_kib = max(tree_kib, sampler.peak_rss_kib)
             cpu += usage.ru_utime + usage.ru_stime
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise SystemExit(f"{' '.join(cmd)} exited {code}:\n{tail}")
         wall = time.perf_counter() - start
-    osd_after, busy_after = _cpu_of(osd_pid), _busy()
+    osd_after, busy_after = cpu_of(osd_pid), machine()["busy"]
     osd = None if osd_before is None or osd_after is None else osd_after - osd_before
     return Measurement(
         wall=wall,
@@ -305,9 +206,9 @@ def settle(osd_pid: int | None, quiet: float = 0.1, limit: float = 30.0) -> floa
     """
     start = time.perf_counter()
     while time.perf_counter() - start < limit:
-        before = _cpu_of(osd_pid)
+        before = cpu_of(osd_pid)
         time.sleep(0.5)
-        after = _cpu_of(osd_pid)
+        after = cpu_of(osd_pid)
         if before is None or after is None or (after - before) / 0.5 < quiet:
             break
     return time.perf_counter() - start
@@ -654,7 +555,7 @@ def _thread_cpu() -> dict[str, float]:
     out: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            comm, fields = _stat(task / "stat")
+            comm, fields = proc_stat(task / "stat")
             name = "python (main thread)" if int(task.name) == os.getpid() else comm.rstrip("0123456789-")
             out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
     return out
@@ -745,20 +646,6 @@ def check_content(b: Bench, name: str) -> None:
     if differs is not None:
         raise SystemExit(f"WRONG RESULT: {name} point {manifest.latest.id} differs from @{b.prev} at byte {differs}")
     log(f"checked: {name} point {manifest.latest.id} equals rbd export of @{b.prev}")
-
-
-def first_difference(a: Path, b: Path) -> int | None:
-    """Offset of the first differing byte (or of the shorter file's end), None if equal."""
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        offset = 0
-        while True:
-            x, y = fa.read(4 * MiB), fb.read(4 * MiB)
-            if x != y:
-                diffs = (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q)
-                return offset + next(diffs, min(len(x), len(y)))
-            if not x:
-                return None
-            offset += len(x)
 
 
 def startup_costs(b: Bench) -> list[str]:
@@ -867,10 +754,6 @@ def run_lines(rows: list[Row], images: int, snapshot_s: float) -> list[str]:
 
 
 # ------------------------------------------------------------------ main
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
