@@ -24,7 +24,6 @@ import contextlib
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,23 @@ from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.target import chain_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from benchlib import GNU_TIME, GiB, KiB, Measurement, MiB, bench_lock, first_difference, log, measure
+from benchlib import (
+    GNU_TIME,
+    GiB,
+    KiB,
+    Measurement,
+    MiB,
+    bench_lock,
+    compile_package,
+    filesystem_type,
+    first_difference,
+    fmt_runs,
+    log,
+    max_mib,
+    measure,
+    median,
+    others,
+)
 from cephcluster import CephCluster
 
 OBJECT = 4 * MiB
@@ -304,10 +319,6 @@ def verify(bench: Bench, target: Path, name: str, snap: str) -> None:
 # -------------------------------------------------------------------- the report
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def report(rows: list[tuple[str, Pair, str]], memory: dict[str, list[Measurement]]) -> str:
     """The result table, the targets, the per-run numbers and where the CPU went."""
     lines = [
@@ -334,14 +345,6 @@ def report(rows: list[tuple[str, Pair, str]], memory: dict[str, list[Measurement
             snap = median(pair.snapshot_s)
             lines.append(f"  creating one RBD snapshot (part of ours, not of export-diff): {snap:.2f} s")
     return "\n".join(lines)
-
-
-def max_mib(runs: list[Measurement], tree: bool = False) -> float:
-    return max(m.tree_rss_kib if tree else m.maxrss_kib for m in runs) / KiB
-
-
-def fmt_runs(runs: list[Measurement]) -> str:
-    return ", ".join(f"{m.wall:.2f}" for m in runs) + " s"
 
 
 def memory_lines(memory: dict[str, list[Measurement]]) -> list[str]:
@@ -374,11 +377,6 @@ def cpu_lines(label: str, m: Measurement) -> list[str]:
     busiest = ", ".join(f"{name} {cpu:.1f}" for name, cpu in top if cpu >= 0.05) or "-"
     machine = f"machine busy {m.machine['busy']:.1f} s, others {others(m):.1f} s, steal {m.machine['steal']:.1f} s"
     return [f"{label} (last run) CPU {m.cpu:.1f} s in {m.wall:.1f} s{osd}; {machine}; threads: {busiest}"]
-
-
-def others(m: Measurement) -> float:
-    """CPU seconds that other processes (not the command, not the OSD) used on the machine meanwhile."""
-    return max(0.0, m.machine["busy"] - m.cpu - (m.osd_cpu or 0.0))
 
 
 def load_line(rows: list[tuple[str, Pair, str]]) -> str:
@@ -451,11 +449,6 @@ def memory_runs(bench: Bench, name: str, images: list[str], seed: int) -> list[M
     return runs
 
 
-def filesystem_type(path: Path) -> str:
-    proc = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or "?"
-
-
 def header(args: argparse.Namespace, fs_type: str) -> str:
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parallel = f", --parallel {args.parallel}" if args.parallel else ""
@@ -463,15 +456,6 @@ def header(args: argparse.Namespace, fs_type: str) -> str:
         f"rbd2qcow2 benchmark, {date}: {os.cpu_count()} CPUs, outputs on {fs_type}{parallel}, "
         f"medians of {args.runs} run{'s' if args.runs > 1 else ''} after 1 warm-up"
     )
-
-
-def compile_package(repo: Path) -> None:
-    """Byte-compile the package first, as ``pip install`` does for users.
-
-    An editable checkout run with ``PYTHONDONTWRITEBYTECODE`` set would
-    otherwise compile every module in every timed run (~0.1 s here).
-    """
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "rbd2qcow2")], check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

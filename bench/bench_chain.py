@@ -31,7 +31,6 @@ import os
 import random
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,25 @@ from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.target import chain_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from benchlib import GNU_TIME, LOCK_PATH, GiB, KiB, Measurement, MiB, bench_lock, cpu_of, first_difference, log, measure
+from benchlib import (
+    GNU_TIME,
+    LOCK_PATH,
+    GiB,
+    KiB,
+    Measurement,
+    MiB,
+    bench_lock,
+    compile_package,
+    cpu_of,
+    filesystem_type,
+    first_difference,
+    fmt_runs,
+    log,
+    max_mib,
+    measure,
+    median,
+    others,
+)
 from cephcluster import CephCluster
 
 OBJECT = 4 * MiB
@@ -437,10 +454,6 @@ class Row:
     aim: float | None
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def verdict(ratio: float, limit: float | None, aim: float | None) -> str:
     if limit is None:
         return "-"
@@ -485,14 +498,6 @@ def chain_line(chain: Chain) -> str:
     )
 
 
-def max_mib(runs: list[Measurement]) -> float:
-    return max(m.maxrss_kib for m in runs) / KiB
-
-
-def fmt_runs(runs: list[Measurement]) -> str:
-    return ", ".join(f"{m.wall:.2f}" for m in runs) + " s"
-
-
 def cpu_lines(label: str, m: Measurement, tree_mib: float) -> list[str]:
     """The busiest threads of one run (sampled every 0.1 s) and the OSD's CPU meanwhile."""
     top = sorted(m.threads.items(), key=lambda kv: -kv[1])[:6]
@@ -503,11 +508,6 @@ def cpu_lines(label: str, m: Measurement, tree_mib: float) -> list[str]:
         f"{label} (last run) CPU {m.cpu:.1f} s in {m.wall:.1f} s{osd}; {machine}; tree RSS up to {tree_mib:.0f} MiB;"
         f" threads: {busiest}"
     ]
-
-
-def others(m: Measurement) -> float:
-    """CPU seconds that other processes (not the command, not the OSD) used on the machine meanwhile."""
-    return max(0.0, m.machine["busy"] - m.cpu - (m.osd_cpu or 0.0))
 
 
 def load_line(rows: list[Row]) -> str:
@@ -589,11 +589,6 @@ def run_bench(bench: Bench, args: argparse.Namespace) -> str:
     return report(rows, chain)
 
 
-def filesystem_type(path: Path) -> str:
-    proc = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or "?"
-
-
 def code_version() -> str:
     """The commit, and whether the package had uncommitted changes (others edit it concurrently)."""
 
@@ -612,15 +607,6 @@ def header(args: argparse.Namespace, fs_type: str, version: str) -> str:
         f"rbd2qcow2 chain benchmark, {date}: {os.cpu_count()} CPUs, outputs on {fs_type}, code {version}, "
         f"medians of {args.runs} run{'s' if args.runs > 1 else ''} after 1 warm-up"
     )
-
-
-def compile_package(repo: Path) -> None:
-    """Byte-compile the package first, as ``pip install`` does for users.
-
-    An editable checkout run with ``PYTHONDONTWRITEBYTECODE`` set would
-    otherwise compile every module in every timed run (~0.1 s here).
-    """
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "rbd2qcow2")], check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

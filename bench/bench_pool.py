@@ -47,10 +47,12 @@ from benchlib import (
     MiB,
     TreeSampler,
     bench_lock,
+    compile_package,
     cpu_of,
     first_difference,
     log,
     machine,
+    median,
     proc_stat,
 )
 
@@ -695,10 +697,6 @@ def qemu_img_costs(b: Bench) -> str:
 # ------------------------------------------------------------------ the report
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def per_image(runs: list[Measurement]) -> list[float]:
     return [float(i["seconds"]) for m in runs for i in (m.summary or {}).get("images", [])]
 
@@ -841,15 +839,6 @@ def header(args: argparse.Namespace, rev_before: str) -> str:
         f"{args.size_mib} MiB ({FILL_FRACTION:.0%} written), {CHANGE_FRACTION:.0%} changed per round; "
         f"medians of {args.rounds} rounds after 1 warm-up; native = rbd export-diff of each image in turn"
     )
-
-
-def compile_package(repo: Path) -> None:
-    """Byte-compile the package first, as ``pip install`` does for users.
-
-    An editable checkout run with ``PYTHONDONTWRITEBYTECODE`` set would
-    otherwise compile every module in every timed run (~0.1 s here).
-    """
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "rbd2qcow2")], check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

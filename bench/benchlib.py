@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -264,3 +265,38 @@ def _ancestors() -> list[int]:
         except (OSError, ValueError, IndexError):
             break
     return pids
+
+
+# ------------------------------------------------------------------ reporting, set-up
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def max_mib(runs: list[Measurement], tree: bool = False) -> float:
+    """The largest peak RSS of the runs in MiB: of one process, or (``tree``) of the sampled tree."""
+    return max(m.tree_rss_kib if tree else m.maxrss_kib for m in runs) / KiB
+
+
+def fmt_runs(runs: list[Measurement]) -> str:
+    return ", ".join(f"{m.wall:.2f}" for m in runs) + " s"
+
+
+def others(m: Measurement) -> float:
+    """CPU seconds that other processes (not the command, not the OSD) used on the machine meanwhile."""
+    return max(0.0, m.machine["busy"] - m.cpu - (m.osd_cpu or 0.0))
+
+
+def filesystem_type(path: Path) -> str:
+    proc = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "?"
+
+
+def compile_package(repo: Path) -> None:
+    """Byte-compile the package first, as ``pip install`` does for users.
+
+    An editable checkout run with ``PYTHONDONTWRITEBYTECODE`` set would
+    otherwise compile every module in every timed run (~0.1 s here).
+    """
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(repo / "rbd2qcow2")], check=True)
