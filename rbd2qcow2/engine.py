@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import threading
@@ -194,7 +195,7 @@ def _backup_one(
         with ExitStack() as stack:
             head = stack.enter_context(cluster.image(image))
             old: list[str] = []
-            point, reason = ImageBackup(cluster, daemon, tag, image, opts).run(head, old_snapshots=old)
+            point, reason = ImageBackup(cluster, tag, image, opts).run(daemon, head, old_snapshots=old)
             janitor.submit(image, head, old, stack.pop_all())
     except OSError as exc:  # the target's file system: disk full, I/O error, permissions
         err = StorageError(f"{exc.filename or 'target'}: {exc.strerror or exc}")
@@ -206,40 +207,103 @@ def _backup_one(
     return BackupResult(image, point=point, reason=reason)
 
 
+class Started:
+    """A backup between its snapshot and its commit (steps 1-3 done).
+
+    Holds the chain lock.  Closing it before :meth:`ImageBackup.finish` has
+    committed the point undoes the point (its files and its snapshot), so a
+    backup prepared ahead and then cancelled leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        *,
+        img: RbdImage,
+        manifest: mf.Manifest,
+        image_id: str,
+        base: Base,
+        files: list[Path],
+        point_id: str,
+        snap: SnapInfo,
+        lock: ExitStack,
+        undo: Callable[[], None],
+    ) -> None:
+        self.img = img
+        self.manifest = manifest
+        self.image_id = image_id
+        self.base = base
+        self.files = files
+        self.point_id = point_id
+        self.snap = snap
+        self._lock = lock
+        self._undo = undo
+        self.settled = False
+
+    def abandon(self) -> None:
+        """Undo the uncommitted point, once."""
+        if not self.settled:
+            self.settled = True
+            self._undo()
+
+    def close(self) -> None:
+        try:
+            self.abandon()
+        finally:
+            self._lock.close()
+
+    def __enter__(self) -> Started:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
 class ImageBackup:
     """One image's backup run (the steps in the module docstring)."""
 
-    def __init__(
-        self, cluster: Cluster, daemon: qemu.StorageDaemon, tag: str, image: names.ImageSpec, opts: BackupOptions
-    ) -> None:
+    def __init__(self, cluster: Cluster, tag: str, image: names.ImageSpec, opts: BackupOptions) -> None:
         self.cluster = cluster
-        self.daemon = daemon
         self.tag = tag
         self.image = image
         self.opts = opts
         self.dir = make_dirs(opts.target, names.chain_relpath(image))
         self.stats = Stats()
 
-    def run(self, head: RbdImage | None = None, old_snapshots: list[str] | None = None) -> tuple[mf.Point, str]:
+    def run(
+        self, daemon: qemu.StorageDaemon, head: RbdImage | None = None, old_snapshots: list[str] | None = None
+    ) -> tuple[mf.Point, str]:
         """Make the point.  ``head``: the image already open at its head (read-write), else opened here.
 
         The snapshots that no point needs any more are removed before this
         returns, or, given ``old_snapshots``, appended to it for the caller
         to remove (through ``head``: see :class:`SnapshotJanitor`).
         """
-        with chain_lock(self.dir, wait=self.opts.wait, what=str(self.image)):
-            return self._locked(head, old_snapshots)
+        with ExitStack() as stack:
+            img = head if head is not None else stack.enter_context(self.cluster.image(self.image))
+            with self.start(img) as started:
+                point, reason = self.finish(started, daemon)
+                old = self.old_snapshots(started)
+                if old_snapshots is None:
+                    remove_snapshots(self.image, img, old)
+                else:
+                    old_snapshots += old
+        return point, reason
 
-    def _locked(self, head: RbdImage | None, old_snapshots: list[str] | None) -> tuple[mf.Point, str]:
-        manifest = mf.load(self.dir)
-        if manifest is not None:
-            try:
-                manifest = recover(self.dir, manifest)
-            except Locked as exc:
-                # The points the backup builds on read right while a commit merge is pending.
-                logger.warning("%s: the interrupted merge stays pending: %s", self.image, exc)
-        # One handle on the image head for the whole run: snapshots are made and removed through it.
-        with contextlib.nullcontext(head) if head is not None else self.cluster.image(self.image) as img:
+    def start(self, img: RbdImage) -> Started:
+        """Steps 1-3: lock the chain, clean up, choose the base, create the snapshot.
+
+        ``img``: the image open at its head, kept open by the caller until
+        the returned :class:`Started` is closed.
+        """
+        with ExitStack() as lock:
+            lock.enter_context(chain_lock(self.dir, wait=self.opts.wait, what=str(self.image)))
+            manifest = mf.load(self.dir)
+            if manifest is not None:
+                try:
+                    manifest = recover(self.dir, manifest)
+                except Locked as exc:
+                    # The points the backup builds on read right while a commit merge is pending.
+                    logger.warning("%s: the interrupted merge stays pending: %s", self.image, exc)
             image_id = img.id()
             if manifest is None:
                 manifest = mf.Manifest(self.image, image_id, self.tag)
@@ -251,29 +315,44 @@ class ImageBackup:
             logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
             point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
             snap = img.create_snapshot(names.snapshot_name(self.tag, point_id))
-            try:
-                crashpoint("after-snapshot")
-                point = self._write_point(files, base, point_id, snap, image_id)
-                mf.save(self.dir, manifest.with_point(point, image_id))
-            except DiffMismatch:
-                self._abandon(img, point_id, snap.name)
-                self._flag_latest("no-incremental")
-                raise
-            except BaseException:
-                self._abandon(img, point_id, snap.name)
-                raise
-            crashpoint("after-commit")
-            point_latest(self.dir, point.file)
-            record(
-                self.dir,
-                f"backup {point.id} {point.kind} data={point.data_bytes} zeros={point.zero_bytes} ({base.reason})",
+            return Started(
+                img=img,
+                manifest=manifest,
+                image_id=image_id,
+                base=base,
+                files=files,
+                point_id=point_id,
+                snap=snap,
+                lock=lock.pop_all(),
+                undo=functools.partial(self._abandon, img, point_id, snap.name),
             )
-            old = self._old_snapshots(img, snap.name)
-            if old_snapshots is None:
-                remove_snapshots(self.image, img, old)
-            else:
-                old_snapshots += old
+
+    def finish(self, started: Started, daemon: qemu.StorageDaemon) -> tuple[mf.Point, str]:
+        """Steps 4-6: write the layer and commit the point; the chain stays locked until ``started`` closes."""
+        base = started.base
+        try:
+            crashpoint("after-snapshot")
+            point = self._write_point(daemon, started.files, base, started.point_id, started.snap, started.image_id)
+            mf.save(self.dir, started.manifest.with_point(point, started.image_id))
+        except DiffMismatch:
+            started.abandon()
+            self._flag_latest("no-incremental")
+            raise
+        except BaseException:
+            started.abandon()
+            raise
+        started.settled = True
+        crashpoint("after-commit")
+        point_latest(self.dir, point.file)
+        record(
+            self.dir,
+            f"backup {point.id} {point.kind} data={point.data_bytes} zeros={point.zero_bytes} ({base.reason})",
+        )
         return point, base.reason
+
+    def old_snapshots(self, started: Started) -> list[str]:
+        """After :meth:`finish`: our snapshots that no point needs any more (step 7's work)."""
+        return self._old_snapshots(started.img, started.snap.name)
 
     # -- step 1 ------------------------------------------------------------
     def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> None:
@@ -330,14 +409,16 @@ class ImageBackup:
             logger.error("%s: %s", self.image, exc)
             return Base(None, f"chain of {base.point.id} is damaged: new chain"), []
 
-    def _write_point(self, files: list[Path], base: Base, point_id: str, snap: SnapInfo, image_id: str) -> mf.Point:
+    def _write_point(
+        self, daemon: qemu.StorageDaemon, files: list[Path], base: Base, point_id: str, snap: SnapInfo, image_id: str
+    ) -> mf.Point:
         layer = self.dir / names.layer_file(point_id)
         tmp = self.dir / names.partial(layer.name)
         sums_final = self.dir / names.sums_file(point_id)
         qemu.create_layer(tmp, snap.size, base.point.file if base.point else None)
         sums = OrderedWriter(self.dir / names.partial(sums_final.name))
         try:
-            stats = self._transfer([*files, tmp], base, snap, sums)
+            stats = self._transfer(daemon, [*files, tmp], base, snap, sums)
             crashpoint("before-rename")
             qemu.check_layer(tmp)
             sha = sums.finish()
@@ -362,20 +443,22 @@ class ImageBackup:
             checksums=mf.Checksums(sums_final.name, ALGORITHM, BLOCK_SIZE, sha),
         )
 
-    def _export(self, files: list[Path]) -> qemu.Export:
+    def _export(self, daemon: qemu.StorageDaemon, files: list[Path]) -> qemu.Export:
         if self.opts.direct_io:
             try:
-                return self.daemon.export_chain(files, writable=True, direct=True)
+                return daemon.export_chain(files, writable=True, direct=True)
             except QemuError as exc:
                 logger.info("direct I/O not available on the target (%s); using the page cache", exc)
-        return self.daemon.export_chain(files, writable=True, direct=False)
+        return daemon.export_chain(files, writable=True, direct=False)
 
-    def _transfer(self, files: list[Path], base: Base, snap: SnapInfo, sums: OrderedWriter) -> Stats:
+    def _transfer(
+        self, daemon: qemu.StorageDaemon, files: list[Path], base: Base, snap: SnapInfo, sums: OrderedWriter
+    ) -> Stats:
         changed: list[Range] = []
         # One handle on the snapshot for the diff, the first reader and the sample;
         # opened and closed in this thread, after every reader has stopped.
         with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as src:
-            export = self._export(files)
+            export = self._export(daemon, files)
             try:
                 pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
                 try:
@@ -388,7 +471,7 @@ class ImageBackup:
                 finally:
                     pool.close()
             finally:
-                self.daemon.remove_export(export)
+                daemon.remove_export(export)
         self.stats = stats
         logger.info(
             "%s: %d bytes data, %d bytes zeros written, %d zero bytes skipped",

@@ -8,6 +8,10 @@ lock with a lease, see :meth:`rbd2qcow2.ceph.Cluster.claim`), so several
 hosts can run the same configuration against one pool: an image that is
 claimed elsewhere, or that got a point after this run started, is left to
 the other run.  A failure of one image is recorded and the others go on.
+
+``prep-N`` threads do the first steps of each image (claim, open, chain lock,
+snapshot) at most ``jobs`` images ahead of the job threads; see
+:func:`_run_jobs`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,9 +30,9 @@ from pathlib import Path
 from . import manifest as mf
 from . import qemu
 from .activity import record
-from .ceph import CephOptions, Cluster
+from .ceph import CephOptions, Cluster, RbdImage
 from .config import SKIP_META, ClusterConfig, RunConfig
-from .engine import BackupOptions, ImageBackup, SnapshotJanitor
+from .engine import BackupOptions, ImageBackup, SnapshotJanitor, Started
 from .errors import Cancelled, Claimed, DataError, Error
 from .names import ImageSpec
 from .prune import PruneOptions, prune_chain
@@ -39,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 OK, FAILED, SKIPPED, DELETED = "ok", "failed", "skipped", "deleted"
 STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM
+POLL = 0.1
 
 
 @dataclass
@@ -173,28 +179,89 @@ class _Stop:
             raise Cancelled(self.signum)
 
 
+@dataclass
+class _Ready:
+    """An image prepared ahead of its job: claimed, open, its chain locked, its snapshot taken."""
+
+    work: _Work
+    report: ImageReport
+    prep_seconds: float
+    claim: ExitStack  # the claim: released last
+    head: ExitStack  # the image handle: handed to the janitor after the commit
+    img: RbdImage
+    job: ImageBackup
+    started: Started
+
+    def close(self) -> None:
+        """Give up the image: undo its snapshot, unlock the chain, close the handle, release the claim."""
+        with self.claim, self.head, self.started:
+            pass
+
+
 def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) -> list[ImageReport]:
+    """Prepare images ahead of the jobs, and back them up ``jobs`` at a time.
+
+    Creating a snapshot is a round trip to the monitors (~100 ms) that does
+    not use the CPU, and concurrent ones share it.  ``prep-N`` threads claim
+    each image, lock its chain and create its snapshot, at most ``jobs``
+    images ahead (``slots``), so a job thread finds its next image ready
+    when it finishes one.
+    """
     todo: queue.Queue[_Work | None] = queue.Queue()
     for w in work:
         todo.put(w)
+    ready: queue.Queue[_Ready | None] = queue.Queue()
+    jobs = min(cfg.jobs, len(work))
+    slots = threading.Semaphore(jobs)
     results: list[ImageReport] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
     stop = _Stop()
+    abort = threading.Event()  # a job thread died, or a signal came: prepare nothing more
+    preparing = [jobs]
     # Old snapshots are removed while the jobs go on to their next image.
     janitor = SnapshotJanitor(workers=max(2, cfg.jobs))
+
+    def prep() -> None:
+        try:
+            while _take(slots, abort):
+                item = _next(todo)
+                if item is None:
+                    slots.release()
+                    break
+                r = _prepare(cfg, tag, item, started, stop)
+                if isinstance(r, ImageReport):
+                    slots.release()
+                    with lock:
+                        results.append(r)
+                else:
+                    ready.put(r)
+        except Cancelled:
+            pass
+        except BaseException as exc:  # carried to the main thread
+            abort.set()
+            errors.append(exc)
+        finally:
+            with lock:
+                preparing[0] -= 1
+                if preparing[0] == 0:
+                    for _ in range(jobs):
+                        ready.put(None)
 
     def job() -> None:
         try:
             with qemu.storage_daemon() as daemon:
-                while (item := _next(todo)) is not None:
-                    r = _one(cfg, tag, item, daemon, started, stop, janitor)
+                while (r := ready.get()) is not None:
+                    slots.release()
+                    report = _finish(cfg, r, daemon, stop, janitor)
                     with lock:
-                        results.append(r)
+                        results.append(report)
         except BaseException as exc:  # carried to the main thread
+            abort.set()
             errors.append(exc)
 
-    threads = [threading.Thread(target=job, name=f"job-{i}", daemon=True) for i in range(min(cfg.jobs, len(work)))]
+    threads = [threading.Thread(target=prep, name=f"prep-{i}", daemon=True) for i in range(jobs)]
+    threads += [threading.Thread(target=job, name=f"job-{i}", daemon=True) for i in range(jobs)]
     for t in threads:
         t.start()
     try:
@@ -203,16 +270,37 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
         # The images in progress stop at their next chunk and clean up (partial
         # files, new snapshots, claims) before the process exits.
         stop.signum = exc.signum
+        abort.set()
         logger.warning("%s: stopping the images in progress", exc)
         _drain(todo)
         _join(threads, deadline=time.monotonic() + STOP_GRACE)
         janitor.close(skip_pending=True)
         raise
     finally:
+        # Images prepared that no job took (a job thread failed, or a signal): undone.
+        _give_up(ready)
         janitor.close()
     if errors:
         raise errors[0]
     return results
+
+
+def _take(slots: threading.Semaphore, abort: threading.Event) -> bool:
+    while not abort.is_set():
+        if slots.acquire(timeout=POLL):
+            return True
+    return False
+
+
+def _give_up(ready: queue.Queue[_Ready | None]) -> None:
+    while True:
+        try:
+            r = ready.get_nowait()
+        except queue.Empty:
+            return
+        if r is not None:
+            with contextlib.suppress(Exception):
+                r.close()
 
 
 def _join(threads: list[threading.Thread], deadline: float | None = None) -> None:
@@ -222,7 +310,7 @@ def _join(threads: list[threading.Thread], deadline: float | None = None) -> Non
         if deadline is not None and time.monotonic() > deadline:
             logger.error("jobs still running after %.0f s; exiting without their clean-up", STOP_GRACE)
             return
-        time.sleep(0.1)
+        time.sleep(POLL)
 
 
 def _next(todo: queue.Queue[_Work | None]) -> _Work | None:
@@ -237,78 +325,95 @@ def _drain(todo: queue.Queue[_Work | None]) -> None:
         pass
 
 
-def _one(
-    cfg: RunConfig,
-    tag: str,
-    w: _Work,
-    daemon: qemu.StorageDaemon,
-    started: datetime,
-    stop: _Stop,
-    janitor: SnapshotJanitor,
-) -> ImageReport:
+def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop) -> _Ready | ImageReport:
+    """Claim the image, and unless it is done elsewhere or skipped, lock its chain and snapshot it."""
     report = ImageReport(w.cluster.name, w.image)
     t0 = time.monotonic()
     try:
-        stop.check()
-        with w.handle.claim(w.image, cfg.claim_ttl):
-            _backup_prune_verify(cfg, tag, w, daemon, started, report, stop, janitor)
+        with ExitStack() as claim, ExitStack() as head:  # handed on in the _Ready, or closed here
+            stop.check()
+            claim.enter_context(w.handle.claim(w.image, cfg.claim_ttl))
+            done_elsewhere = _point_since(chain_dir(cfg.target, w.image), started)
+            if done_elsewhere is not None:
+                report.status, report.point = SKIPPED, done_elsewhere
+                report.reason = "backed up by another run since this one started"
+            else:
+                # One open of the image head: the skip flag is read through the handle the backup
+                # uses, which then goes to the janitor, to remove the snapshot the previous point needed.
+                img = head.enter_context(w.handle.image(w.image))
+                if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
+                    report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
+                else:
+                    opts = BackupOptions(
+                        target=cfg.target,
+                        parallel=cfg.parallel,
+                        whole_object=cfg.whole_object,
+                        check_unchanged=cfg.check_unchanged,
+                        wait=True,
+                        interrupt=stop.check,
+                    )
+                    job = ImageBackup(w.handle, tag, w.image, opts)
+                    begun = job.start(img)
+                    prepared = time.monotonic() - t0
+                    return _Ready(w, report, prepared, claim.pop_all(), head.pop_all(), img, job, begun)
     except Claimed as exc:
         report.status, report.reason = SKIPPED, str(exc)
     except Cancelled:
         raise
-    except OSError as exc:  # the target's file system: disk full, I/O error
+    except BaseException as exc:
+        _failed(cfg, w, report, exc)
+    return _done(cfg, w, report, t0)
+
+
+def _finish(
+    cfg: RunConfig, r: _Ready, daemon: qemu.StorageDaemon, stop: _Stop, janitor: SnapshotJanitor
+) -> ImageReport:
+    """Back up, prune and verify an image that :func:`_prepare` made ready."""
+    w, report = r.work, r.report
+    t0 = time.monotonic() - r.prep_seconds  # the time it waited for a job does not count
+    try:
+        with r.claim:
+            with r.head:
+                with r.started:
+                    stop.check()
+                    point, reason = r.job.finish(r.started, daemon)
+                    old = r.job.old_snapshots(r.started)
+                janitor.submit(w.image, r.img, old, r.head.pop_all())
+            report.point, report.kind, report.reason = point.id, point.kind, reason
+            report.bytes_read, report.bytes_written = r.job.stats.read_bytes, point.data_bytes + point.zero_bytes
+            report.last_success = point.created
+            _prune_verify(cfg, w, daemon, point.id)
+    except Cancelled:
+        raise
+    except BaseException as exc:
+        _failed(cfg, w, report, exc)
+    return _done(cfg, w, report, t0)
+
+
+def _failed(cfg: RunConfig, w: _Work, report: ImageReport, exc: BaseException) -> None:
+    """Record why an image failed; anything but an ordinary exception goes on up."""
+    if isinstance(exc, OSError):  # the target's file system: disk full, I/O error
         report.status, report.error, report.exit_code = FAILED, f"target I/O error: {exc}", 74
         logger.error("%s: %s", w.image, report.error)
-    except Error as exc:
+    elif isinstance(exc, Error):
         report.status, report.error, report.exit_code = FAILED, str(exc), exc.exit_code
         logger.error("%s: %s", w.image, exc)
         record(chain_dir(cfg.target, w.image), f"run failed: {exc}")
-    except Exception as exc:  # a bug must not stop the other images
-        logger.exception("%s: internal error", w.image)
+    elif isinstance(exc, Exception):  # a bug must not stop the other images
+        logger.error("%s: internal error", w.image, exc_info=exc)
         report.status, report.error, report.exit_code = FAILED, f"internal error: {exc!r}", 70
+    else:
+        raise exc
+
+
+def _done(cfg: RunConfig, w: _Work, report: ImageReport, t0: float) -> ImageReport:
     report.seconds = time.monotonic() - t0
     report.last_success = report.last_success or _last_success(cfg.target, w.image)
     return report
 
 
-def _backup_prune_verify(
-    cfg: RunConfig,
-    tag: str,
-    w: _Work,
-    daemon: qemu.StorageDaemon,
-    started: datetime,
-    report: ImageReport,
-    stop: _Stop,
-    janitor: SnapshotJanitor,
-) -> None:
+def _prune_verify(cfg: RunConfig, w: _Work, daemon: qemu.StorageDaemon, point_id: str) -> None:
     directory = chain_dir(cfg.target, w.image)
-    done_elsewhere = _point_since(directory, started)
-    if done_elsewhere is not None:
-        report.status, report.point = SKIPPED, done_elsewhere
-        report.reason = "backed up by another run since this one started"
-        return
-    # One open of the image head: the skip flag is read through the handle the backup uses,
-    # which then goes to the janitor, to remove the snapshot the previous point needed.
-    with contextlib.ExitStack() as stack:
-        img = stack.enter_context(w.handle.image(w.image))
-        if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
-            report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
-            return
-        opts = BackupOptions(
-            target=cfg.target,
-            parallel=cfg.parallel,
-            whole_object=cfg.whole_object,
-            check_unchanged=cfg.check_unchanged,
-            wait=True,
-            interrupt=stop.check,
-        )
-        job = ImageBackup(w.handle, daemon, tag, w.image, opts)
-        old: list[str] = []
-        point, reason = job.run(head=img, old_snapshots=old)
-        janitor.submit(w.image, img, old, stack.pop_all())
-    report.point, report.kind, report.reason = point.id, point.kind, reason
-    report.bytes_read, report.bytes_written = job.stats.read_bytes, point.data_bytes + point.zero_bytes
-    report.last_success = point.created
     if cfg.retention is not None or cfg.max_depth is not None:
         prune_opts = PruneOptions(
             target=cfg.target,
@@ -321,7 +426,7 @@ def _backup_prune_verify(
         if plan.error is not None:
             raise plan.error
     if cfg.verify.structure or cfg.verify.deep or cfg.verify.source_sample > 0:
-        _verify(cfg, w, directory, daemon, point.id)
+        _verify(cfg, w, directory, daemon, point_id)
 
 
 def _verify(cfg: RunConfig, w: _Work, directory: Path, daemon: qemu.StorageDaemon, point_id: str) -> None:

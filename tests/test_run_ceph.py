@@ -147,10 +147,11 @@ def test_bad_config_touches_nothing(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_path: Path) -> None:
+    """Two images stall mid-transfer, two more wait prepared (snapshot taken); SIGTERM undoes all four."""
     import signal
     import time
 
-    names = ["big-1", "big-2"]
+    names = ["big-1", "big-2", "big-3", "big-4"]
     for name in names:
         pool.create(name, 32 * MiB)
         with pool.image(name) as img:
@@ -161,7 +162,7 @@ def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_pat
         os.environ,
         RBD2QCOW2_STALL_AT="mid-transfer",
         RBD2QCOW2_STALL_FILE=str(stall),
-        RBD2QCOW2_STALL_SECONDS="3",
+        RBD2QCOW2_STALL_SECONDS="5",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbd2qcow2", "run", "--config", str(cfg)],
@@ -173,6 +174,10 @@ def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_pat
     )
     deadline = time.monotonic() + 60
     while not stall.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    # The jobs took the first two; the other two get their snapshots while they wait for a job.
+    while not all(any(s.startswith("rbd2qcow2.") for s in pool.snapshots(n)) for n in names):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
