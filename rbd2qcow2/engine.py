@@ -16,6 +16,10 @@ Commit sequence of one image (see ``docs/design.md`` for the crash matrix):
 7. remove the base's RBD snapshot: only now is it no longer needed.  A
    :class:`SnapshotJanitor` does this in the background, through the image
    handle the run used, while the next image is backed up.
+
+:meth:`ImageBackup.start` does steps 1-3 and creates the empty layer file;
+:meth:`ImageBackup.finish` the rest.  A ``run`` calls them in different
+threads, so that the next images are ready before their job takes them.
 """
 
 from __future__ import annotations
@@ -225,7 +229,10 @@ class Started:
         files: list[Path],
         point_id: str,
         snap: SnapInfo,
+        src: RbdImage,
+        layer: Path,
         lock: ExitStack,
+        source: ExitStack,
         undo: Callable[[], None],
     ) -> None:
         self.img = img
@@ -235,19 +242,28 @@ class Started:
         self.files = files
         self.point_id = point_id
         self.snap = snap
+        self.src = src
+        self.layer = layer
         self._lock = lock
+        self._source = source
         self._undo = undo
         self.settled = False
 
     def abandon(self) -> None:
-        """Undo the uncommitted point, once."""
+        """Undo the uncommitted point, once (the snapshot's handle is closed first)."""
         if not self.settled:
             self.settled = True
-            self._undo()
+            try:
+                self._source.close()
+            finally:
+                self._undo()
 
     def close(self) -> None:
         try:
-            self.abandon()
+            try:
+                self.abandon()
+            finally:
+                self._source.close()
         finally:
             self._lock.close()
 
@@ -290,7 +306,8 @@ class ImageBackup:
         return point, reason
 
     def start(self, img: RbdImage) -> Started:
-        """Steps 1-3: lock the chain, clean up, choose the base, create the snapshot.
+        """Steps 1-3, and 4's set-up: lock the chain, clean up, choose the base, create the snapshot,
+        open it, create the layer file.
 
         ``img``: the image open at its head, kept open by the caller until
         the returned :class:`Started` is closed.
@@ -315,24 +332,38 @@ class ImageBackup:
             logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
             point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
             snap = img.create_snapshot(names.snapshot_name(self.tag, point_id))
-            return Started(
-                img=img,
-                manifest=manifest,
-                image_id=image_id,
-                base=base,
-                files=files,
-                point_id=point_id,
-                snap=snap,
-                lock=lock.pop_all(),
-                undo=functools.partial(self._abandon, img, point_id, snap.name),
-            )
+            undo = functools.partial(self._abandon, img, point_id, snap.name)
+            layer = self.dir / names.partial(names.layer_file(point_id))
+            with ExitStack() as source:
+                try:
+                    # One handle on the snapshot for the diff, the first reader and the sample.
+                    src = source.enter_context(self.cluster.image(self.image, snapshot=snap.name, read_only=True))
+                    qemu.create_layer(layer, snap.size, base.point.file if base.point else None)
+                except BaseException:
+                    source.close()
+                    undo()
+                    raise
+                return Started(
+                    img=img,
+                    manifest=manifest,
+                    image_id=image_id,
+                    base=base,
+                    files=files,
+                    point_id=point_id,
+                    snap=snap,
+                    src=src,
+                    layer=layer,
+                    lock=lock.pop_all(),
+                    source=source.pop_all(),
+                    undo=undo,
+                )
 
     def finish(self, started: Started, daemon: qemu.StorageDaemon) -> tuple[mf.Point, str]:
         """Steps 4-6: write the layer and commit the point; the chain stays locked until ``started`` closes."""
         base = started.base
         try:
             crashpoint("after-snapshot")
-            point = self._write_point(daemon, started.files, base, started.point_id, started.snap, started.image_id)
+            point = self._write_point(daemon, started)
             mf.save(self.dir, started.manifest.with_point(point, started.image_id))
         except DiffMismatch:
             started.abandon()
@@ -409,16 +440,14 @@ class ImageBackup:
             logger.error("%s: %s", self.image, exc)
             return Base(None, f"chain of {base.point.id} is damaged: new chain"), []
 
-    def _write_point(
-        self, daemon: qemu.StorageDaemon, files: list[Path], base: Base, point_id: str, snap: SnapInfo, image_id: str
-    ) -> mf.Point:
+    def _write_point(self, daemon: qemu.StorageDaemon, started: Started) -> mf.Point:
+        base, point_id, snap, image_id = started.base, started.point_id, started.snap, started.image_id
         layer = self.dir / names.layer_file(point_id)
-        tmp = self.dir / names.partial(layer.name)
+        tmp = started.layer
         sums_final = self.dir / names.sums_file(point_id)
-        qemu.create_layer(tmp, snap.size, base.point.file if base.point else None)
         sums = OrderedWriter(self.dir / names.partial(sums_final.name))
         try:
-            stats = self._transfer(daemon, [*files, tmp], base, snap, sums)
+            stats = self._transfer(daemon, started.src, [*started.files, tmp], base, snap, sums)
             crashpoint("before-rename")
             qemu.check_layer(tmp)
             sha = sums.finish()
@@ -452,26 +481,31 @@ class ImageBackup:
         return daemon.export_chain(files, writable=True, direct=False)
 
     def _transfer(
-        self, daemon: qemu.StorageDaemon, files: list[Path], base: Base, snap: SnapInfo, sums: OrderedWriter
+        self,
+        daemon: qemu.StorageDaemon,
+        src: RbdImage,
+        files: list[Path],
+        base: Base,
+        snap: SnapInfo,
+        sums: OrderedWriter,
     ) -> Stats:
+        """``src``: the snapshot, for the diff, the first reader and the sample; it is closed
+        (by :class:`Started`) only after every reader has stopped."""
         changed: list[Range] = []
-        # One handle on the snapshot for the diff, the first reader and the sample;
-        # opened and closed in this thread, after every reader has stopped.
-        with self.cluster.image(self.image, snapshot=snap.name, read_only=True) as src:
-            export = self._export(daemon, files)
+        export = self._export(daemon, files)
+        try:
+            pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
             try:
-                pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
-                try:
-                    if pool.size < snap.size:
-                        raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
-                    stats = self._pull(src, base, snap, pool, sums, changed)
-                    if base.point is not None:
-                        self._check_unchanged(pool, src, snap, changed)
-                    pool.flush()
-                finally:
-                    pool.close()
+                if pool.size < snap.size:
+                    raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
+                stats = self._pull(src, base, snap, pool, sums, changed)
+                if base.point is not None:
+                    self._check_unchanged(pool, src, snap, changed)
+                pool.flush()
             finally:
-                daemon.remove_export(export)
+                pool.close()
+        finally:
+            daemon.remove_export(export)
         self.stats = stats
         logger.info(
             "%s: %d bytes data, %d bytes zeros written, %d zero bytes skipped",
