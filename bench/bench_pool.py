@@ -404,10 +404,11 @@ PROBES: list[tuple[str, str, str, str]] = [
     ("nightly", "_deleted", "scan for deleted images", "call"),
     ("nightly", "_run_jobs", "jobs", "call"),
     ("qemu", "storage_daemon", "qemu-storage-daemon", "cm"),
-    ("nightly", "_one", "image", "call"),
+    ("nightly", "_prepare", "prepare image", "call"),
+    ("nightly", "_finish", "image", "call"),
     ("ceph", "Cluster.claim", "claim", "cm"),
     ("nightly", "_point_since", "backed up elsewhere?", "call"),
-    ("nightly", "_backup_prune_verify", "backup+verify", "call"),
+    ("nightly", "_prune_verify", "prune+verify", "call"),
     ("nightly", "_last_success", "last success", "call"),
     ("ceph", "Cluster.image", "rbd open", "cm"),
     ("ceph", "RbdImage.metadata", "image-meta get", "call"),
@@ -418,7 +419,8 @@ PROBES: list[tuple[str, str, str, str]] = [
     ("ceph", "RbdImage.diff", "diff_iterate", "call"),
     ("ceph", "RbdImage.read_many", "rbd read", "call"),
     ("engine", "ImageBackup.__init__", "make dirs", "call"),
-    ("engine", "ImageBackup.run", "backup", "call"),
+    ("engine", "ImageBackup.start", "backup start", "call"),
+    ("engine", "ImageBackup.finish", "backup finish", "call"),
     ("engine", "chain_lock", "chain lock", "cm"),
     ("engine", "recover", "recover", "call"),
     ("engine", "ImageBackup._clean_orphans", "clean orphans", "call"),
@@ -463,7 +465,8 @@ class Profile:
     def stack(self) -> list[str]:
         if not hasattr(self.local, "stack"):
             name = threading.current_thread().name
-            kind = "main" if name == "MainThread" else "job" if name.startswith("job-") else "other"
+            kind = name.split("-")[0] if name.startswith(("job-", "prep-")) else "other"
+            kind = "main" if name == "MainThread" else kind
             self.local.stack = [kind]
         stack: list[str] = self.local.stack
         return stack
@@ -599,10 +602,14 @@ def breakdown(label: str, m: Measurement) -> list[str]:
     total = data.get("job/image", [0.0])[0]
     lines.append(f"  per image (mean of {images}, summed over the job threads: {total:.2f} s):")
     lines += _tree(data, "job/image", images, indent=4)
+    if "prep/prepare image" in data:
+        ahead = data["prep/prepare image"][0]
+        lines.append(f"  per image, ahead in the prep threads (summed over them: {ahead:.2f} s):")
+        lines += _tree(data, "prep/prepare image", images, indent=4)
     others = sorted((k, v) for k, v in data.items() if k.startswith("other/") and k.count("/") == 1)
     if others:
         parts = [f"{k[6:]} {v[1] / images:.1f} calls {v[0] / images * 1000:.1f} ms" for k, v in others]
-        lines.append(f"  per image in the reader threads (beside the above): {'; '.join(parts)}")
+        lines.append(f"  per image in other threads (readers, janitor; beside the above): {'; '.join(parts)}")
     if prof.get("missing"):
         lines.append(f"  (probes not found: {', '.join(prof['missing'])})")
     return lines
