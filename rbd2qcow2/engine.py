@@ -477,6 +477,8 @@ class ImageBackup:
             try:
                 return daemon.export_chain(files, writable=True, direct=True)
             except QemuError as exc:
+                if not daemon.alive:
+                    raise
                 logger.info("direct I/O not available on the target (%s); using the page cache", exc)
         return daemon.export_chain(files, writable=True, direct=False)
 

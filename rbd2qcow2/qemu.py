@@ -412,6 +412,7 @@ class StorageDaemon:
         self._proc: subprocess.Popen[bytes] | None = None
         self._nbd_socket = nbd_socket or self._dir / "nbd.sock"
         self._ready = False
+        self._failed: str | None = None  # why the daemon never came up: every later use says so
         self._count = 0
 
     def __enter__(self) -> StorageDaemon:
@@ -462,6 +463,8 @@ class StorageDaemon:
         """
         if self._qmp is not None and self._ready:
             return self._qmp
+        if self._failed is not None:
+            raise QemuError(self._failed)
         if self._listener is None:
             raise QemuError("storage daemon not running")
         from qemu.qmp import QMPError
@@ -471,8 +474,12 @@ class StorageDaemon:
             conn = self._accept()
             self._qmp = QEMUMonitorProtocol(conn)
             self._qmp.connect()
+        except QemuError as exc:
+            self._failed = str(exc)
+            raise
         except (QMPError, OSError, TimeoutError) as exc:
-            raise QemuError(f"qemu-storage-daemon did not connect to QMP: {exc!r} {self._log_tail()}") from exc
+            self._failed = f"qemu-storage-daemon did not connect to QMP: {exc!r} {self._log_tail()}"
+            raise QemuError(self._failed) from exc
         finally:
             self._listener.close()
             self._listener = None

@@ -193,3 +193,28 @@ def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_pat
     proc2 = run_cli("run", "--config", str(cfg), "--json")
     assert proc2.returncode == 0, proc2.stderr
     assert {i["image"]: i["status"] for i in json.loads(proc2.stdout)["images"]} == {n: "ok" for n in names}
+
+
+def test_a_daemon_that_cannot_start_fails_every_image_and_leaves_nothing(pool: Ceph, tmp_path: Path) -> None:
+    """Every image fails in its job, after the prep threads made its snapshot and layer: all are undone."""
+    names = [f"img-{i}" for i in range(6)]
+    make_images(pool, names)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    daemon = fake / "qemu-storage-daemon"
+    daemon.write_text("#!/bin/sh\necho 'qemu-storage-daemon: simulated failure' >&2\nexit 1\n")
+    daemon.chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = run_cli("run", "--config", str(config(tmp_path, pool)), env=env, timeout=120)
+    assert proc.returncode not in (0, 130, 143), proc.stderr
+    assert "Traceback" not in proc.stderr and "simulated failure" in proc.stderr, proc.stderr
+    assert "direct I/O" not in proc.stderr, proc.stderr  # a dead daemon is not a file system without O_DIRECT
+    for name in names:
+        assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == [], proc.stderr
+        directory = chain_dir(tmp_path / "target", ImageSpec(pool.pool, "", name))
+        if directory.exists():
+            assert [p.name for p in directory.iterdir() if p.name.endswith(".partial")] == []
+    # Nothing is left claimed or locked: with the real daemon, the next run backs up every image.
+    proc = run_cli("run", "--config", str(config(tmp_path, pool)), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {i["image"]: i["status"] for i in json.loads(proc.stdout)["images"]} == {n: "ok" for n in names}
