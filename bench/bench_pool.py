@@ -743,7 +743,9 @@ def run_lines(rows: list[Row], images: int, snapshot_s: float) -> list[str]:
         native = ", ".join(f"{m.wall:.2f}" for m in row.native) or "-"
         others = median([m.others_cpu / m.wall / (os.cpu_count() or 1) for m in row.ours + row.native])
         osd = median([m.osd_cpu for m in row.ours if m.osd_cpu is not None])
-        out.append(f"{row.label}: ours {ours} s; native {native} s; OSD CPU during ours {osd:.1f} s; "
+        native_osd = [m.osd_cpu for m in row.native if m.osd_cpu is not None]
+        osd_text = f"{osd:.1f} s" + (f", during native {median(native_osd):.1f} s" if native_osd else "")
+        out.append(f"{row.label}: ours {ours} s; native {native} s; OSD CPU during ours {osd_text}; "
                    f"other processes {others:.0%} of the CPUs")  # fmt: skip
         last = (row.ours[-1].summary or {}).get("images", [])
         read = median([i["bytes_read"] / MiB for i in last])
