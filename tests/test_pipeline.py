@@ -12,7 +12,7 @@ import pytest
 
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records, zero_digest
 from rbd2qcow2.extents import Chunk, Kind
-from rbd2qcow2.pipeline import Transfer
+from rbd2qcow2.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer
 
 MiB = 1 << 20
 
@@ -85,8 +85,12 @@ def chunks(size: int, step: int = 4 * MiB) -> list[Chunk]:
     return [Chunk(off, min(step, size - off), Kind.READ) for off in range(0, size, step)]
 
 
+INLINE, THREADS = 1 << 40, 0  # ``inline_bytes`` that make the transfer run in the calling thread, or in threads
+
+
+@pytest.mark.parametrize("inline_bytes", [INLINE, THREADS], ids=["inline", "threads"])
 @pytest.mark.parametrize("hide_zeros", [True, False])
-def test_copies_content_and_records(hide_zeros: bool) -> None:
+def test_copies_content_and_records(hide_zeros: bool, inline_bytes: int) -> None:
     size = 32 * MiB + 12345
     image = FakeImage(source(size))
     disk = FakeDisk(size, image)
@@ -94,7 +98,13 @@ def test_copies_content_and_records(hide_zeros: bool) -> None:
     plan = [*chunks(20 * MiB), Chunk(20 * MiB, 4 * MiB, Kind.ZERO), *chunks(size - 24 * MiB)]
     plan = [Chunk(c.offset + (24 * MiB if i >= 6 else 0), c.length, c.kind) for i, c in enumerate(plan)]
     stats = Transfer(
-        open_reader=lambda: opened(image), sink=disk, sums=sums, size=size, workers=3, hide_zeros=hide_zeros
+        open_reader=lambda: opened(image),
+        sink=disk,
+        sums=sums,
+        size=size,
+        workers=3,
+        hide_zeros=hide_zeros,
+        inline_bytes=inline_bytes,
     ).run(plan)
     expected = bytearray(image.data)
     expected[20 * MiB : 24 * MiB] = bytes(4 * MiB)
@@ -111,7 +121,8 @@ def test_copies_content_and_records(hide_zeros: bool) -> None:
     assert len(sums.seen) == -(-size // BLOCK_SIZE)
 
 
-def test_worker_error_reaches_the_caller_without_hanging() -> None:
+@pytest.mark.parametrize("inline_bytes", [INLINE, THREADS], ids=["inline", "threads"])
+def test_worker_error_reaches_the_caller_without_hanging(inline_bytes: int) -> None:
     size = 64 * MiB
     image = FakeImage(source(size))
     image.fail_at = 40 * MiB
@@ -119,7 +130,13 @@ def test_worker_error_reaches_the_caller_without_hanging() -> None:
     started = time.monotonic()
     with pytest.raises(OSError, match="injected"):
         Transfer(
-            open_reader=lambda: opened(image), sink=disk, sums=Records(), size=size, workers=4, hide_zeros=True
+            open_reader=lambda: opened(image),
+            sink=disk,
+            sums=Records(),
+            size=size,
+            workers=4,
+            hide_zeros=True,
+            inline_bytes=inline_bytes,
         ).run(chunks(size))
     assert time.monotonic() - started < 30
     assert image.reads < len(chunks(size))  # the feed stopped
@@ -160,15 +177,22 @@ class SlowDisk(FakeDisk):
         super().pwrite(data, offset)
 
 
-def test_small_chunks_in_batches_with_a_full_queue() -> None:
-    """Thousands of 64 KiB chunks: read in batches, every one written and counted once."""
+@pytest.mark.parametrize("inline_bytes", [INLINE, THREADS], ids=["inline", "threads"])
+def test_small_chunks_in_batches_with_a_full_queue(inline_bytes: int) -> None:
+    """Hundreds of 64 KiB chunks: read in batches, every one written and counted once."""
     size = 64 * MiB
     image = BatchImage(source(size))
     disk = SlowDisk(size, image)
     small = [c for c in chunks(size, BLOCK_SIZE) if (c.offset // BLOCK_SIZE) % 3 != 1]
     records = Records()
     stats = Transfer(
-        open_reader=lambda: opened(image), sink=disk, sums=records, size=size, workers=4, hide_zeros=True
+        open_reader=lambda: opened(image),
+        sink=disk,
+        sums=records,
+        size=size,
+        workers=4,
+        hide_zeros=True,
+        inline_bytes=inline_bytes,
     ).run(small)
     assert stats.read_bytes == len(small) * BLOCK_SIZE
     assert max(image.batches) > 1 and sum(image.batches) <= len(small)
@@ -208,3 +232,44 @@ def test_readers_start_only_when_much_waits(size: int, step: int, readers: range
     assert opens.count in readers
     assert stats.read_bytes == size
     assert bytes(disk.buf) == image.data
+
+
+class ThreadsSeen(FakeDisk):
+    def __init__(self, size: int, image: FakeImage) -> None:
+        super().__init__(size, image)
+        self.threads: set[str] = set()
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().pwrite(data, offset)
+
+
+@pytest.mark.parametrize(
+    ("size", "step", "limit", "inline"),
+    [
+        (8 * MiB, BLOCK_SIZE, READER_WORTH, True),  # a small diff: read and written by the caller
+        (READER_WORTH, 4 * MiB, READER_WORTH, True),  # exactly the limit
+        (READER_WORTH + 4 * MiB, 4 * MiB, READER_WORTH, False),  # more data than the limit: threads
+        ((INLINE_CHUNKS + 1) * BLOCK_SIZE, BLOCK_SIZE, INLINE, False),  # more chunks than the limit: threads
+    ],
+)
+def test_a_small_diff_runs_in_the_calling_thread(size: int, step: int, limit: int, inline: bool) -> None:
+    image = BatchImage(source(size))
+    disk = ThreadsSeen(size, image)
+    plan = chunks(size, step)
+    records = Records()
+    progress: list[int] = []
+    stats = Transfer(
+        open_reader=lambda: opened(image),
+        sink=disk,
+        sums=records,
+        size=size,
+        workers=4,
+        hide_zeros=True,
+        progress=progress.append,
+        inline_bytes=limit,
+    ).run(plan)
+    assert (disk.threads == {threading.current_thread().name}) is inline
+    assert bytes(disk.buf) == image.data
+    assert stats.read_bytes == size and sum(progress) == size
+    assert len(records.seen) == size // BLOCK_SIZE
