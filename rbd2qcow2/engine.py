@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import manifest as mf
-from . import names, qemu
+from . import names, qcow2, qemu
 from .activity import point_latest, record
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
@@ -338,7 +338,7 @@ class ImageBackup:
                 try:
                     # One handle on the snapshot for the diff, the first reader and the sample.
                     src = source.enter_context(self.cluster.image(self.image, snapshot=snap.name, read_only=True))
-                    qemu.create_layer(layer, snap.size, base.point.file if base.point else None)
+                    qcow2.create_layer(layer, snap.size, base.point.file if base.point else None)
                 except BaseException:
                     source.close()
                     undo()

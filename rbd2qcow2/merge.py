@@ -61,7 +61,7 @@ from .errors import ChainDamaged, DataError
 from .extents import Chunk, Extent, boundary_extent, plan
 from .faults import crashpoint
 from .progress import Progress
-from .qcow2 import host_clusters, read_header
+from .qcow2 import create_layer, host_clusters, read_header
 
 if TYPE_CHECKING:
     from .nbdio import Connection
@@ -133,7 +133,7 @@ def build(
     layer, sums_path = merge_files(directory, child)
     for stale in (layer, sums_path):
         stale.unlink(missing_ok=True)
-    qemu.create_layer(layer, child.size, parent.file if parent else None)
+    create_layer(layer, child.size, parent.file if parent else None)
     sums = OrderedWriter(sums_path)
     try:
         stats = _copy(daemon, view_files, [*parent_files, layer], chunks, sums, child, parallel, progress, parent)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_SIZE = 65536
 QMP_TIMEOUT = 30.0
 
 
@@ -122,21 +121,6 @@ def _commit_options(files: Sequence[Path], base: int, top: str, base_node: str, 
 
 def json_filename(opts: dict[str, Any]) -> str:
     return "json:" + json.dumps(opts)
-
-
-def create_layer(path: Path, size: int, backing: str | None) -> None:
-    """Create a qcow2 layer (compat 1.1, 64 KiB clusters), mode 0600.
-
-    ``backing`` (format qcow2) is a name relative to the layer's directory,
-    or an absolute path for an overlay outside the chain; it is written into
-    the header unchecked (``-u``): qemu does not open it here.
-    """
-    args = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat=1.1,cluster_size={CLUSTER_SIZE}"]
-    if backing is not None:
-        args += ["-u", "-b", backing, "-F", "qcow2"]
-    args += [str(path), str(size)]
-    _run(args, what="qemu-img create")
-    os.chmod(path, 0o600)
 
 
 def check_layer(path: Path) -> dict[str, Any]:

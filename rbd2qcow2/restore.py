@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from . import manifest as mf
-from . import qemu
+from . import qcow2, qemu
 from .chain import checked_chain
 from .errors import NotFound, QemuError, StorageError, TargetError, UsageError
 from .extents import Chunk, Extent, Kind, align_down, plan, windows
@@ -162,7 +162,7 @@ def make_overlay(loc: Located, new: Path) -> None:
     """A writable qcow2 overlay over the point, for booting a VM; the chain is not modified."""
     if new.exists() or new.is_symlink():
         raise TargetError(f"{new} exists")
-    qemu.create_layer(new, loc.point.size, str(loc.files[-1].resolve()))
+    qcow2.create_layer(new, loc.point.size, str(loc.files[-1].resolve()), replace=False)
 
 
 # -- RBD --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import qemu
+from rbd2qcow2 import qcow2, qemu
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
 from rbd2qcow2.errors import DataError, InUse, QemuError
 from rbd2qcow2.merge import _verify
@@ -40,11 +40,11 @@ def raw(path: Path) -> bytes:
 def chain(tmp_path: Path) -> list[Path]:
     """A (data everywhere) <- L1 (some data) <- B (data, zeros hiding L1 and A)."""
     a, l1, b = (tmp_path / n for n in ("a.qcow2", "l1.qcow2", "b.qcow2"))
-    qemu.create_layer(a, SIZE, None)
+    qcow2.create_layer(a, SIZE, None)
     io(a, f"write -P 0x11 0 {SIZE}")
-    qemu.create_layer(l1, SIZE, a.name)
+    qcow2.create_layer(l1, SIZE, a.name)
     io(l1, "write -P 0x22 0 1M", "write -P 0x23 8M 1M")
-    qemu.create_layer(b, SIZE, l1.name)
+    qcow2.create_layer(b, SIZE, l1.name)
     io(b, "write -z 0 512k", "write -P 0x33 4M 1M", "write -z 8M 64k", "write -z 12M 64k")
     return [a, l1, b]
 
@@ -140,7 +140,7 @@ def test_read_back_of_blocks_stored_out_of_virtual_order_with_a_short_last_block
 ) -> None:
     size = MiB + 512  # the last block holds 512 bytes
     layer = tmp_path / "odd.qcow2"
-    qemu.create_layer(layer, size, None)
+    qcow2.create_layer(layer, size, None)
     io(layer, f"write -P 0x44 {MiB} 512", "write -P 0x55 0 64k", "write -P 0x66 128k 64k")  # stored in this order
     data = raw(layer)
     assert len(data) == size

@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from rbd2qcow2 import qemu
+from rbd2qcow2 import qcow2, qemu
 from rbd2qcow2.nbdio import Connection, ConnectionPool
 
 MiB = 1 << 20
@@ -14,7 +14,7 @@ MiB = 1 << 20
 
 def test_connections_open_per_thread_on_demand_and_every_write_lands(tmp_path: Path) -> None:
     layer = tmp_path / "layer.qcow2"
-    qemu.create_layer(layer, 16 * MiB, None)
+    qcow2.create_layer(layer, 16 * MiB, None)
     data = [os.urandom(MiB) for _ in range(4)]
     with qemu.storage_daemon() as daemon:
         export = daemon.export_chain([layer], writable=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import qemu
+from rbd2qcow2 import qcow2, qemu
 from rbd2qcow2.errors import QemuError
 from rbd2qcow2.merge import own_extents
 from rbd2qcow2.qcow2 import host_clusters
@@ -47,9 +47,9 @@ def layer(tmp_path: Path) -> tuple[Path, int]:
     """A layer over a base: data, zero clusters (over data and over nothing), a compressed cluster, holes."""
     size = 20 * MiB + 12 * KiB  # the last cluster is partial
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    qemu.create_layer(base, size, None)
+    qcow2.create_layer(base, size, None)
     io(base, f"write -P 0x11 0 {size}")
-    qemu.create_layer(top, size, base.name)
+    qcow2.create_layer(top, size, base.name)
     io(
         top,
         "write -P 0x22 0 1M",  # consecutive data clusters
