@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import random
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from .extents import Chunk, Range, boundary_extent, plan, sample_ranges, subtrac
 from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
 from .nbdio import ConnectionPool
-from .pipeline import Stats, Transfer
+from .pipeline import Stats, Transfer, peek_small
 from .progress import Progress
 from .prune import recover
 from .target import open_target
@@ -472,14 +473,24 @@ class ImageBackup:
             checksums=mf.Checksums(sums_final.name, ALGORITHM, BLOCK_SIZE, sha),
         )
 
-    def _export(self, daemon: qemu.StorageDaemon, files: list[Path]) -> qemu.Export:
+    def _export(self, daemon: qemu.StorageDaemon, files: list[Path], *, small: bool) -> qemu.Export:
+        """The new layer's export: O_DIRECT where the target has it, else the page cache.
+
+        A small diff's writes go through Linux AIO: each completes in qemu's
+        own thread, where io_uring hands every write that extends the file to
+        a worker thread (about 20 us more per write here).  A large diff keeps
+        io_uring, whose workers overlap its writes (its full backup took 10 %
+        longer with Linux AIO).
+        """
         if self.opts.direct_io:
-            try:
-                return daemon.export_chain(files, writable=True, direct=True)
-            except QemuError as exc:
-                if not daemon.alive:
-                    raise
-                logger.info("direct I/O not available on the target (%s); using the page cache", exc)
+            for aio in ("native", "io_uring") if small else ("io_uring",):
+                try:
+                    return daemon.export_chain(files, writable=True, direct=True, direct_aio=aio)
+                except QemuError as exc:
+                    if not daemon.alive:
+                        raise
+                    logger.info("direct I/O with aio=%s not available on the target (%s)", aio, exc)
+            logger.info("%s: writing through the page cache", self.image)
         return daemon.export_chain(files, writable=True, direct=False)
 
     def _transfer(
@@ -494,20 +505,28 @@ class ImageBackup:
         """``src``: the snapshot, for the diff, the first reader and the sample; it is closed
         (by :class:`Started`) only after every reader has stopped."""
         changed: list[Range] = []
-        export = self._export(daemon, files)
-        try:
-            pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
+        with (
+            Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
+            # Closed here, in this thread: a generator left to the garbage
+            # collector would run its clean-up in whatever thread runs it.
+            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed)) as planned,
+        ):
+            head, rest = peek_small(planned)  # the diff decides how the layer is written
+            export = self._export(daemon, files, small=rest is None)
             try:
-                if pool.size < snap.size:
-                    raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
-                stats = self._pull(src, base, snap, pool, sums, changed)
-                if base.point is not None:
-                    self._check_unchanged(pool, src, snap, changed)
-                pool.flush()
+                pool = ConnectionPool(export.socket, export.name, self.opts.parallel)
+                try:
+                    if pool.size < snap.size:
+                        raise QemuError(f"layer is {pool.size} bytes, snapshot {snap.size}")
+                    chunks = head if rest is None else itertools.chain(head, rest)
+                    stats = self._pull(src, base, snap, pool, sums, bar, chunks)
+                    if base.point is not None:
+                        self._check_unchanged(pool, src, snap, changed)
+                    pool.flush()
+                finally:
+                    pool.close()
             finally:
-                pool.close()
-        finally:
-            daemon.remove_export(export)
+                daemon.remove_export(export)
         self.stats = stats
         logger.info(
             "%s: %d bytes data, %d bytes zeros written, %d zero bytes skipped",
@@ -525,25 +544,20 @@ class ImageBackup:
         snap: SnapInfo,
         pool: ConnectionPool,
         sums: OrderedWriter,
-        changed: list[Range],
+        bar: Progress,
+        chunks: Iterable[Chunk],
     ) -> Stats:
-        with (
-            Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
-            # Closed here, in this thread: a generator left to the garbage
-            # collector would run its clean-up in whatever thread runs it.
-            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed)) as chunks,
-        ):
-            return Transfer(
-                open_reader=self._readers(src, snap),
-                sink=pool,
-                sums=sums,
-                size=snap.size,
-                workers=self.opts.parallel,
-                hide_zeros=base.point is not None,
-                progress=bar.update,
-                fault=_mid_transfer_fault,
-                interrupt=self.opts.interrupt,
-            ).run(chunks)
+        return Transfer(
+            open_reader=self._readers(src, snap),
+            sink=pool,
+            sums=sums,
+            size=snap.size,
+            workers=self.opts.parallel,
+            hide_zeros=base.point is not None,
+            progress=bar.update,
+            fault=_mid_transfer_fault,
+            interrupt=self.opts.interrupt,
+        ).run(chunks)
 
     def _readers(self, src: RbdImage, snap: SnapInfo) -> Callable[[], AbstractContextManager[RbdImage]]:
         """Opens a reader for each puller thread; the first gets ``src`` itself.

@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
@@ -50,6 +50,23 @@ TODO_DEPTH = 256  # planned chunks waiting for a puller: descriptors only, no da
 # it starts only while more than this waits to be read, or while the queue is full.
 READER_WORTH = 32 << 20
 INLINE_CHUNKS = 1024  # a diff of more chunks than this goes to the threads, whatever their size
+
+
+def peek_small(chunks: Iterable[Chunk], limit: int = READER_WORTH) -> tuple[list[Chunk], Iterator[Chunk] | None]:
+    """``(every chunk, None)`` for a small diff, else ``(the chunks taken so far, the rest)``.
+
+    Small: at most ``limit`` bytes to read and ``INLINE_CHUNKS`` chunks.
+    Only as many chunks are taken as it takes to tell.
+    """
+    pending = iter(chunks)
+    head: list[Chunk] = []
+    data = 0
+    for chunk in pending:
+        head.append(chunk)
+        data += chunk.length if chunk.kind is not Kind.ZERO else 0
+        if data > limit or len(head) > INLINE_CHUNKS:
+            return head, pending
+    return head, None
 
 
 class Reader(Protocol):
@@ -161,14 +178,9 @@ class Transfer:
 
     def run(self, chunks: Iterable[Chunk]) -> Stats:
         """Transfer ``chunks``: in this thread if the diff is small, else in puller and writer threads."""
-        pending = iter(chunks)
-        head: list[Chunk] = []
-        data = 0
-        for chunk in pending:
-            head.append(chunk)
-            data += chunk.length if chunk.kind is not Kind.ZERO else 0
-            if data > self._inline_bytes or len(head) > INLINE_CHUNKS:
-                return self._run_threads(itertools.chain(head, pending))
+        head, rest = peek_small(chunks, self._inline_bytes)
+        if rest is not None:
+            return self._run_threads(itertools.chain(head, rest))
         return self._run_inline(head) if head else self.stats
 
     def _run_inline(self, chunks: list[Chunk]) -> Stats:

@@ -51,10 +51,12 @@ def _run(args: Sequence[str], *, what: str) -> str:
     return proc.stdout
 
 
-def file_node(path: Path, *, direct: bool = False, read_only: bool = True) -> dict[str, Any]:
+def file_node(
+    path: Path, *, direct: bool = False, read_only: bool = True, direct_aio: str = "io_uring"
+) -> dict[str, Any]:
     node: dict[str, Any] = {"driver": "file", "filename": str(path)}
     if direct:
-        node["aio"] = "io_uring"
+        node["aio"] = direct_aio
         node["cache"] = {"direct": True}
     if read_only:
         node["read-only"] = True
@@ -62,13 +64,19 @@ def file_node(path: Path, *, direct: bool = False, read_only: bool = True) -> di
 
 
 def chain_options(
-    files: Sequence[Path], *, writable_top: bool = False, direct: bool = False, aio: str | None = None
+    files: Sequence[Path],
+    *,
+    writable_top: bool = False,
+    direct: bool = False,
+    aio: str | None = None,
+    direct_aio: str = "io_uring",
 ) -> dict[str, Any]:
     """Nested qcow2 blockdev options for ``files`` (base first, top last).
 
     The base gets ``"backing": null``; each upper layer names its backing node
     explicitly, so the headers' backing names are never followed.  ``aio``
-    sets how the read-only layers are read (qemu's default: a thread pool).
+    sets how the read-only layers are read (qemu's default: a thread pool),
+    ``direct_aio`` how a writable top opened with ``direct`` is written.
     """
     opts: dict[str, Any] | None = None
     for i, path in enumerate(files):
@@ -76,7 +84,7 @@ def chain_options(
         writable = top and writable_top
         node: dict[str, Any] = {
             "driver": "qcow2",
-            "file": file_node(path, direct=direct and writable, read_only=not writable),
+            "file": file_node(path, direct=direct and writable, read_only=not writable, direct_aio=direct_aio),
             "backing": opts,
         }
         if not writable:
@@ -516,11 +524,12 @@ class StorageDaemon:
         direct: bool = False,
         name: str | None = None,
         aio: str | None = None,
+        direct_aio: str = "io_uring",
     ) -> Export:
         """Open a chain (base first) and export its top over NBD."""
         self._count += 1
         node = f"n{self._count}"
-        opts = chain_options(files, writable_top=writable, direct=direct, aio=aio)
+        opts = chain_options(files, writable_top=writable, direct=direct, aio=aio, direct_aio=direct_aio)
         opts["node-name"] = node
         self.cmd("blockdev-add", **opts)
         export_id = f"e{self._count}"

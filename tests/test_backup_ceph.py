@@ -41,6 +41,39 @@ def assert_point(ceph: Ceph, target: Path, name: str, point: mf.Point, expected:
     actual.unlink()
 
 
+def test_large_and_small_diffs_match_rbd_export(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diff with more than READER_WORTH to read goes through threads and io_uring, a small one
+    through the calling thread and Linux AIO: both write exactly the snapshot."""
+    from rbd2qcow2 import qemu
+    from rbd2qcow2.pipeline import READER_WORTH
+
+    used: list[str] = []
+    export_chain = qemu.StorageDaemon.export_chain
+
+    def recording(self: qemu.StorageDaemon, files: list[Path], **kw: object) -> qemu.Export:
+        used.append(str(kw.get("direct_aio")) if kw.get("direct") else "page cache")
+        return export_chain(self, files, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qemu.StorageDaemon, "export_chain", recording)
+    size = READER_WORTH * 3
+    ceph.create(image_name, size, "fast-diff")
+    work = Workload(seed=7)
+    history = []
+    # (where, bytes) of whole writes, then 64 KiB writes every 3 MiB: 64 MiB, 2 MiB and 40 MiB to read
+    for start, length, scattered in ((0, READER_WORTH * 2, 0), (0, 0, 32), (24 * MiB, READER_WORTH + 8 * MiB, 8)):
+        with ceph.image(image_name) as img:
+            if length:
+                img.write(work.data(length), start)
+            for i in range(scattered):
+                img.write(work.data(64 * 1024), (5 + 3 * i) * MiB % (size - 64 * 1024))
+        history.append(backup_and_export(ceph, target, image_name, tmp_path))
+    assert used == ["io_uring", "native", "io_uring"]
+    for point, expected in history:
+        assert_point(ceph, target, image_name, point, expected, tmp_path)
+
+
 @pytest.mark.parametrize("features", ["layering", "fast-diff"])
 def test_cycles_match_rbd_export(ceph: Ceph, target: Path, image_name: str, tmp_path: Path, features: str) -> None:
     """Cycles of writes, discards, zero-writes, shrinks and grows: every point = rbd export."""

@@ -12,7 +12,7 @@ import pytest
 
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records, zero_digest
 from rbd2qcow2.extents import Chunk, Kind
-from rbd2qcow2.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer
+from rbd2qcow2.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer, peek_small
 
 MiB = 1 << 20
 
@@ -273,3 +273,26 @@ def test_a_small_diff_runs_in_the_calling_thread(size: int, step: int, limit: in
     assert bytes(disk.buf) == image.data
     assert stats.read_bytes == size and sum(progress) == size
     assert len(records.seen) == size // BLOCK_SIZE
+
+
+def test_peek_small_takes_only_what_it_needs_to_tell() -> None:
+    small = chunks(READER_WORTH, 4 * MiB)
+    head, rest = peek_small(iter(small))
+    assert head == small and rest is None
+    zeros = [Chunk(i * 4 * MiB, 4 * MiB, Kind.ZERO) for i in range(INLINE_CHUNKS)]
+    assert peek_small(zeros) == (zeros, None)  # zeros are not read: only the count limits them
+
+    taken: list[Chunk] = []
+
+    def plan() -> Iterator[Chunk]:
+        for c in chunks(READER_WORTH * 4, 4 * MiB):
+            taken.append(c)
+            yield c
+
+    head, rest = peek_small(plan())
+    assert rest is not None
+    assert len(head) == len(taken) == READER_WORTH // (4 * MiB) + 1  # one past the limit, no further
+    assert head + list(rest) == chunks(READER_WORTH * 4, 4 * MiB)
+    many = chunks((INLINE_CHUNKS + 1) * 4096, 4096)  # few bytes, too many chunks
+    head, rest = peek_small(many)
+    assert rest is not None and len(head) == INLINE_CHUNKS + 1 and list(rest) == []
