@@ -92,39 +92,6 @@ class Connection:
         except nbd.Error as exc:
             raise NbdError(f"write-zeroes of {length} bytes at {offset} failed: {exc}") from exc
 
-    def write_many(self, writes: list[tuple[int, memoryview | int]]) -> None:
-        """Data (a buffer) or zeros (a length) at each offset, every request sent before any reply is awaited.
-
-        One round trip for the batch instead of one per request (for 205
-        writes of 64 KiB, 35 ms instead of 40-50 and ~5 ms less CPU here).
-        The offsets must not overlap: NBD does not order requests in flight.
-        Sending stops at a request libnbd refuses; the first failure is
-        raised once every request sent has completed, since libnbd reads
-        the buffers until it has sent them.
-        """
-        h = self._h
-        sent: list[tuple[int, int, int]] = []  # (cookie, offset, length)
-        error: NbdError | None = None
-        for offset, payload in writes:
-            try:
-                if isinstance(payload, int):
-                    sent.append((h.aio_zero(payload, offset), offset, payload))
-                else:
-                    sent.append((h.aio_pwrite(nbd.Buffer.from_buffer(payload), offset), offset, len(payload)))
-            except nbd.Error as exc:
-                error = NbdError(f"write at {offset} not sent: {exc}")
-                break
-        for cookie, offset, length in sent:
-            try:
-                while not h.aio_command_completed(cookie):
-                    h.poll(-1)
-            except nbd.Error as exc:
-                error = error or NbdError(f"write of {length} bytes at {offset} failed: {exc}")
-                if h.aio_is_dead() or h.aio_is_closed():
-                    break  # the connection is gone: libnbd has retired every request
-        if error is not None:
-            raise error
-
     def read_buffer(self, offset: int, length: int) -> bytearray:
         """The data as libnbd's own new buffer, without the copy into ``bytes`` of :meth:`read`."""
         try:
