@@ -43,3 +43,27 @@ def test_connections_open_per_thread_on_demand_and_every_write_lands(tmp_path: P
                     assert reader.pread(MiB, i * 2 * MiB) == data[i]
         finally:
             daemon.remove_export(export)
+
+
+def test_writes_keep_no_memory(tmp_path: Path) -> None:
+    """What a connection writes is not kept (libnbd 1.14's aio_pwrite keeps every buffer: not used)."""
+    layer = tmp_path / "layer.qcow2"
+    qcow2.create_layer(layer, 512 * MiB, None)
+
+    def rss_mib() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) // 1024
+
+    with qemu.storage_daemon() as daemon:
+        export = daemon.export_chain([layer], writable=True)
+        try:
+            pool = ConnectionPool(export.socket, export.name, 2)
+            data = os.urandom(4 * MiB)
+            before = rss_mib()
+            for i in range(128):  # 512 MiB
+                pool.for_thread().pwrite(memoryview(bytearray(data)), i * 4 * MiB)
+            pool.flush()
+            assert rss_mib() - before < 64
+            pool.close()
+        finally:
+            daemon.remove_export(export)
