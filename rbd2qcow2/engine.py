@@ -45,7 +45,7 @@ from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, Locked, NotFound, QemuError, StorageError, UsageError
-from .extents import Chunk, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
+from .extents import Chunk, Extent, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
 from .nbdio import ConnectionPool
@@ -235,6 +235,7 @@ class Started:
         lock: ExitStack,
         source: ExitStack,
         undo: Callable[[], None],
+        first_diff: list[Extent],
     ) -> None:
         self.img = img
         self.manifest = manifest
@@ -245,6 +246,7 @@ class Started:
         self.snap = snap
         self.src = src
         self.layer = layer
+        self.first_diff = first_diff  # the diff of the first window, made ahead with the snapshot
         self._lock = lock
         self._source = source
         self._undo = undo
@@ -340,6 +342,9 @@ class ImageBackup:
                     # One handle on the snapshot for the diff, the first reader and the sample.
                     src = source.enter_context(self.cluster.image(self.image, snapshot=snap.name, read_only=True))
                     qcow2.create_layer(layer, snap.size, base.point.file if base.point else None)
+                    # The first (for most images the only) diff window, here: in a run that is
+                    # ahead of the job, beside the snapshot create of the next image.
+                    first_diff = self._diff(src, base, 0, min(DIFF_WINDOW, snap.size)) if snap.size else []
                 except BaseException:
                     source.close()
                     undo()
@@ -357,6 +362,7 @@ class ImageBackup:
                     lock=lock.pop_all(),
                     source=source.pop_all(),
                     undo=undo,
+                    first_diff=first_diff,
                 )
 
     def finish(self, started: Started, daemon: qemu.StorageDaemon) -> tuple[mf.Point, str]:
@@ -448,7 +454,7 @@ class ImageBackup:
         sums_final = self.dir / names.sums_file(point_id)
         sums = OrderedWriter(self.dir / names.partial(sums_final.name))
         try:
-            stats = self._transfer(daemon, started.src, [*started.files, tmp], base, snap, sums)
+            stats = self._transfer(daemon, started.src, [*started.files, tmp], base, snap, sums, started.first_diff)
             crashpoint("before-rename")
             qemu.check_layer(tmp)
             sha = sums.finish()
@@ -501,6 +507,7 @@ class ImageBackup:
         base: Base,
         snap: SnapInfo,
         sums: OrderedWriter,
+        first_diff: list[Extent],
     ) -> Stats:
         """``src``: the snapshot, for the diff, the first reader and the sample; it is closed
         (by :class:`Started`) only after every reader has stopped."""
@@ -509,7 +516,7 @@ class ImageBackup:
             Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,
             # Closed here, in this thread: a generator left to the garbage
             # collector would run its clean-up in whatever thread runs it.
-            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed)) as planned,
+            contextlib.closing(self._chunks(src, base, snap, bar.skip, changed, first_diff)) as planned,
         ):
             head, rest = peek_small(planned)  # the diff decides how the layer is written
             export = self._export(daemon, files, small=rest is None)
@@ -577,14 +584,23 @@ class ImageBackup:
 
         return open_reader
 
+    def _diff(self, img: RbdImage, base: Base, start: int, length: int) -> list[Extent]:
+        return img.diff(start, length, base.point.snapshot.name if base.point else None, self.opts.whole_object)
+
     def _chunks(
-        self, img: RbdImage, base: Base, snap: SnapInfo, skip: Callable[[int], None], changed: list[Range]
+        self,
+        img: RbdImage,
+        base: Base,
+        snap: SnapInfo,
+        skip: Callable[[int], None],
+        changed: list[Range],
+        first: list[Extent],
     ) -> Generator[Chunk, None, None]:
-        """Planned requests, window by window; ``changed`` collects the ranges they cover."""
-        from_snap = base.point.snapshot.name if base.point else None
+        """Planned requests, window by window (``first``: the first window's diff); ``changed`` collects
+        the ranges they cover."""
         seen = 0
         for start, end in windows(snap.size, DIFF_WINDOW):
-            extents = img.diff(start, end - start, from_snap, self.opts.whole_object)
+            extents = first if start == 0 else self._diff(img, base, start, end - start)
             kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
             seen += len(extents)
             chunks = plan(kept, start=start, end=end)
