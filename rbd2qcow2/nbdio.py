@@ -15,6 +15,39 @@ import nbd
 
 from .errors import NbdError
 
+SLOT = 64 * 1024  # the size of a write sent with others in flight: one checksum block
+IN_FLIGHT = 32  # requests of one connection in flight at once
+
+
+class _Slots:
+    """Write buffers for requests in flight, kept as long as the process and reused.
+
+    The Python binding of libnbd 1.14 never frees the memory of a buffer
+    that ``aio_pwrite`` has used, whether it was copied or shared (a pool
+    run with a new buffer per write kept every byte it wrote: 4 GiB).  A
+    buffer that lives on and is used again costs nothing more, so the pool
+    holds at most as many as were ever in flight at once.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[tuple[nbd.Buffer, memoryview]] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[tuple[nbd.Buffer, memoryview]]:
+        with self._lock:
+            out = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        while len(out) < n:
+            raw = bytearray(SLOT)
+            out.append((nbd.Buffer.from_buffer(raw), memoryview(raw)))
+        return out
+
+    def give(self, slots: list[tuple[nbd.Buffer, memoryview]]) -> None:
+        with self._lock:
+            self._free += slots
+
+
+_SLOTS = _Slots()
+
 
 class Connection:
     """A connected libnbd handle to one export (with the base:allocation context)."""
@@ -91,6 +124,58 @@ class Connection:
             self._h.zero(length, offset)
         except nbd.Error as exc:
             raise NbdError(f"write-zeroes of {length} bytes at {offset} failed: {exc}") from exc
+
+    def write_many(self, writes: list[tuple[int, memoryview | int]]) -> None:
+        """Data (a buffer) or zeros (a length) at each offset, up to :data:`IN_FLIGHT` requests at once.
+
+        A 64 KiB block is copied into a buffer of :data:`_SLOTS` and sent
+        with the zero requests before any reply is awaited: one round trip
+        for the group instead of one per request (for 205 writes of 64 KiB,
+        35 ms instead of 40-50 and ~5 ms less CPU here).  Any other length
+        is written with a synchronous call.  The offsets must not overlap:
+        NBD does not order requests in flight.  Sending stops at a request
+        libnbd refuses; the first failure is raised once every request sent
+        has completed, since libnbd reads the buffers until then.
+        """
+        for first in range(0, len(writes), IN_FLIGHT):
+            self._write_group(writes[first : first + IN_FLIGHT])
+
+    def _write_group(self, writes: list[tuple[int, memoryview | int]]) -> None:
+        h = self._h
+        sent: list[tuple[int, int, int]] = []  # (cookie, offset, length)
+        taken = _SLOTS.take(sum(1 for _, p in writes if not isinstance(p, int) and len(p) == SLOT))
+        free = list(taken)
+        error: NbdError | None = None
+        settled = False  # every request sent has completed (or died with the connection)
+        try:
+            for offset, payload in writes:
+                length = payload if isinstance(payload, int) else len(payload)
+                try:
+                    if isinstance(payload, int):
+                        sent.append((h.aio_zero(payload, offset), offset, length))
+                    elif length == SLOT:
+                        buf, view = free.pop()
+                        view[:] = payload
+                        sent.append((h.aio_pwrite(buf, offset), offset, length))
+                    else:
+                        h.pwrite(payload, offset)
+                except nbd.Error as exc:
+                    error = NbdError(f"write of {length} bytes at {offset} failed: {exc}")
+                    break
+            for cookie, offset, length in sent:
+                try:
+                    while not h.aio_command_completed(cookie):
+                        h.poll(-1)
+                except nbd.Error as exc:
+                    error = error or NbdError(f"write of {length} bytes at {offset} failed: {exc}")
+                    if h.aio_is_dead() or h.aio_is_closed():
+                        break  # the connection is gone: libnbd has retired every request
+            settled = True
+        finally:
+            # A buffer libnbd may still read from is never handed out again.
+            _SLOTS.give(taken if settled else free)
+        if error is not None:
+            raise error
 
     def read_buffer(self, offset: int, length: int) -> bytearray:
         """The data as libnbd's own new buffer, without the copy into ``bytes`` of :meth:`read`."""

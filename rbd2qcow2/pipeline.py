@@ -86,6 +86,15 @@ class Writer(Protocol):
     def zero(self, length: int, offset: int) -> None: ...
 
 
+@runtime_checkable
+class BatchWriter(Protocol):
+    """A writer that can have several requests in flight at once."""
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None: ...
+    def zero(self, length: int, offset: int) -> None: ...
+    def write_many(self, writes: list[tuple[int, memoryview | int]]) -> None: ...
+
+
 class Sink(Protocol):
     def for_thread(self) -> Writer: ...
 
@@ -197,8 +206,7 @@ class Transfer:
                 size += chunk.length if chunk.kind is not Kind.ZERO else 0
                 if not batched or size >= BATCH_BYTES or len(batch) >= BATCH_COUNT or seq == len(chunks) - 1:
                     jobs = self._prepare_batch(reader, batch)
-                    for job in jobs:
-                        self._write(writer, job)
+                    self._write(writer, jobs)
                     self._done.put([job.done for job in jobs])
                     self._drain(block=False)
                     batch, size = [], 0
@@ -352,8 +360,7 @@ class Transfer:
             writer = self._sink.for_thread()
             while (jobs := self._writes.get()) is not None:
                 if not self._stop.is_set():
-                    for job in jobs:
-                        self._write(writer, job)
+                    self._write(writer, jobs)
                     self._done.put([job.done for job in jobs])
         except BaseException as exc:  # carried to the main thread
             self._fail(exc)
@@ -374,20 +381,31 @@ class Transfer:
             runs.append((is_zero, chunk.offset + start, stop - start if is_zero else view[start:stop]))
         return _Job(_Done(seq, records, stats, chunk.length), runs)
 
-    def _write(self, writer: Writer, job: _Job) -> None:
-        stats = job.done.stats
-        for is_zero, offset, payload in job.runs:
-            if not is_zero:
-                assert isinstance(payload, memoryview)
-                writer.pwrite(payload, offset)
-                stats.data_bytes += len(payload)
-                continue
-            assert isinstance(payload, int)
-            if self._hide_zeros:
+    def _write(self, writer: Writer, jobs: list[_Job]) -> None:
+        """Write a batch's runs: all in flight at once where the writer can, else one by one."""
+        writes: list[tuple[int, memoryview | int]] = []
+        for job in jobs:
+            stats = job.done.stats
+            for is_zero, offset, payload in job.runs:
+                if not is_zero:
+                    assert isinstance(payload, memoryview)
+                    writes.append((offset, payload))
+                    stats.data_bytes += len(payload)
+                elif self._hide_zeros:
+                    assert isinstance(payload, int)
+                    writes.append((offset, payload))
+                    stats.zero_bytes += payload
+                else:
+                    assert isinstance(payload, int)
+                    stats.skipped_bytes += payload
+        if len(writes) > 1 and isinstance(writer, BatchWriter):
+            writer.write_many(writes)
+            return
+        for offset, payload in writes:
+            if isinstance(payload, int):
                 writer.zero(payload, offset)
-                stats.zero_bytes += payload
             else:
-                stats.skipped_bytes += payload
+                writer.pwrite(payload, offset)
 
 
 def _thread(target: Callable[[], None], name: str) -> threading.Thread:

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from rbd2qcow2 import qcow2, qemu
+from rbd2qcow2.errors import NbdError
 from rbd2qcow2.nbdio import Connection, ConnectionPool
 
 MiB = 1 << 20
@@ -46,7 +47,11 @@ def test_connections_open_per_thread_on_demand_and_every_write_lands(tmp_path: P
 
 
 def test_writes_keep_no_memory(tmp_path: Path) -> None:
-    """What a connection writes is not kept (libnbd 1.14's aio_pwrite keeps every buffer: not used)."""
+    """What a connection writes is not kept, one by one or in flight together.
+
+    libnbd 1.14's Python binding never frees a buffer that went through
+    aio_pwrite: write_many must reuse its own.
+    """
     layer = tmp_path / "layer.qcow2"
     qcow2.create_layer(layer, 512 * MiB, None)
 
@@ -60,10 +65,55 @@ def test_writes_keep_no_memory(tmp_path: Path) -> None:
             pool = ConnectionPool(export.socket, export.name, 2)
             data = os.urandom(4 * MiB)
             before = rss_mib()
-            for i in range(128):  # 512 MiB
+            for i in range(64):  # 256 MiB one by one
                 pool.for_thread().pwrite(memoryview(bytearray(data)), i * 4 * MiB)
+            for i in range(64, 128):  # 256 MiB as 64 KiB blocks in flight together
+                view = memoryview(bytearray(data))
+                blocks: list[tuple[int, memoryview | int]] = [
+                    (i * 4 * MiB + o, view[o : o + 65536]) for o in range(0, 4 * MiB, 65536)
+                ]
+                pool.for_thread().write_many(blocks)
             pool.flush()
             assert rss_mib() - before < 64
             pool.close()
+        finally:
+            daemon.remove_export(export)
+
+
+def test_write_many_lands_every_write_and_reports_a_failure_after_the_rest(tmp_path: Path) -> None:
+    base, layer = tmp_path / "base.qcow2", tmp_path / "layer.qcow2"
+    qcow2.create_layer(base, 8 * MiB, None)
+    qcow2.create_layer(layer, 8 * MiB, base.name)
+    old = os.urandom(8 * MiB)
+    with qemu.storage_daemon() as daemon:
+        export = daemon.export_chain([base], writable=True)
+        with Connection(export.socket, export.name) as conn:
+            conn.pwrite(old, 0)
+            conn.flush()
+        daemon.remove_export(export)
+        export = daemon.export_chain([base, layer], writable=True, direct=True, direct_aio="native")
+        try:
+            blocks = {i * 65536: os.urandom(65536) for i in range(0, 128, 3)}
+            zeros = {i * 65536 + 4 * MiB: 65536 * 2 for i in range(0, 40, 5)}
+            writes: list[tuple[int, memoryview | int]] = [(o, memoryview(d)) for o, d in blocks.items()]
+            writes += list(zeros.items())
+            with Connection(export.socket, export.name) as conn:
+                conn.write_many(writes)
+                expected = bytearray(old)
+                for o, d in blocks.items():
+                    expected[o : o + len(d)] = d
+                for o, n in zeros.items():
+                    expected[o : o + n] = bytes(n)
+                assert conn.pread(8 * MiB, 0) == expected
+                # A request past the end fails once those sent before it completed.
+                late = os.urandom(65536)
+                try:
+                    conn.write_many([(MiB, memoryview(late)), (8 * MiB, memoryview(late))])
+                except NbdError as exc:
+                    assert str(8 * MiB) in str(exc)
+                else:
+                    raise AssertionError("a write past the end was not reported")
+                assert conn.pread(65536, MiB) == late  # the connection goes on
+                conn.flush()
         finally:
             daemon.remove_export(export)

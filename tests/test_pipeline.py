@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -61,6 +62,24 @@ class FakeDisk:
                 self.image.live -= 1
 
 
+class BatchDisk(FakeDisk):
+    """A disk that takes a batch's writes at once, like an NBD connection with requests in flight."""
+
+    def __init__(self, size: int, image: FakeImage) -> None:
+        super().__init__(size, image)
+        self.batches: list[int] = []
+
+    def write_many(self, writes: list[tuple[int, memoryview | int]]) -> None:
+        ends = sorted((offset, offset + (p if isinstance(p, int) else len(p))) for offset, p in writes)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(ends))  # never overlapping
+        self.batches.append(len(writes))
+        for offset, payload in reversed(writes):  # in any order
+            if isinstance(payload, int):
+                self.zero(payload, offset)
+            else:
+                self.pwrite(payload, offset)
+
+
 class Records:
     def __init__(self) -> None:
         self.seen: dict[int, bytes] = {}
@@ -88,12 +107,13 @@ def chunks(size: int, step: int = 4 * MiB) -> list[Chunk]:
 INLINE, THREADS = 1 << 40, 0  # ``inline_bytes`` that make the transfer run in the calling thread, or in threads
 
 
+@pytest.mark.parametrize("disk_kind", [FakeDisk, BatchDisk], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize("inline_bytes", [INLINE, THREADS], ids=["inline", "threads"])
 @pytest.mark.parametrize("hide_zeros", [True, False])
-def test_copies_content_and_records(hide_zeros: bool, inline_bytes: int) -> None:
+def test_copies_content_and_records(hide_zeros: bool, inline_bytes: int, disk_kind: type[FakeDisk]) -> None:
     size = 32 * MiB + 12345
     image = FakeImage(source(size))
-    disk = FakeDisk(size, image)
+    disk = disk_kind(size, image)
     sums = Records()
     plan = [*chunks(20 * MiB), Chunk(20 * MiB, 4 * MiB, Kind.ZERO), *chunks(size - 24 * MiB)]
     plan = [Chunk(c.offset + (24 * MiB if i >= 6 else 0), c.length, c.kind) for i, c in enumerate(plan)]
@@ -119,6 +139,8 @@ def test_copies_content_and_records(hide_zeros: bool, inline_bytes: int) -> None
     assert {i: sums.seen[i] for i in range(20 * MiB // BLOCK_SIZE)} == dict(unpack_records(want))
     assert sums.seen[20 * MiB // BLOCK_SIZE] == zero_digest(BLOCK_SIZE)
     assert len(sums.seen) == -(-size // BLOCK_SIZE)
+    if isinstance(disk, BatchDisk):
+        assert max(disk.batches) > 1
 
 
 @pytest.mark.parametrize("inline_bytes", [INLINE, THREADS], ids=["inline", "threads"])
