@@ -284,10 +284,18 @@ class RbdImage:
         return AsyncWrites(self._img, self.label, depth, max_bytes, timeout)
 
     def read_many(self, ranges: list[tuple[int, int]], timeout: float = 60.0) -> list[bytes]:
-        """Read several ``(start, end)`` ranges with all requests in flight at once."""
+        """Read several ``(start, end)`` ranges with all requests in flight at once.
+
+        The callbacks (librbd's threads, with the GIL) only count; the last
+        one wakes the caller, once for the batch rather than once per read.
+        """
         results: list[bytes | None] = [None] * len(ranges)
         errors: list[int | str] = []
-        done = threading.Semaphore(0)
+        if not ranges:
+            return []
+        pending = [len(ranges)]
+        count = threading.Lock()
+        done = threading.Event()
 
         def finish(i: int) -> Callable[[Any, Any], None]:
             def cb(completion: Any, data: Any) -> None:
@@ -299,17 +307,31 @@ class RbdImage:
                     errors.append(f"short read at {start}")
                 else:
                     results[i] = bytes(data)
-                done.release()
+                with count:
+                    pending[0] -= 1
+                    last = pending[0] == 0
+                if last:
+                    done.set()
 
             return cb
 
-        for i, (start, end) in enumerate(ranges):
-            _wrap(
-                f"{self.label}: read at {start}", functools.partial(self._img.aio_read, start, end - start, finish(i))
-            )
-        for _ in ranges:
-            if not done.acquire(timeout=timeout):
-                raise CephError(f"{self.label}: read timed out after {timeout} s")
+        sent = 0
+        try:
+            for i, (start, end) in enumerate(ranges):
+                _wrap(
+                    f"{self.label}: read at {start}",
+                    functools.partial(self._img.aio_read, start, end - start, finish(i)),
+                )
+                sent += 1
+        finally:
+            if sent < len(ranges):  # the requests sent still complete: wait for them, not for the rest
+                with count:
+                    pending[0] -= len(ranges) - sent
+                    if pending[0] == 0:
+                        done.set()
+                done.wait(timeout)
+        if not done.wait(timeout):
+            raise CephError(f"{self.label}: read timed out after {timeout} s")
         if errors or any(r is None for r in results):
             raise CephError(f"{self.label}: read failed ({errors[0] if errors else 'no data'})")
         return [r for r in results if r is not None]
