@@ -120,6 +120,8 @@ def backup(specs: Sequence[str], opts: BackupOptions) -> list[BackupResult]:
     with qemu.storage_daemon() as daemon, Cluster(opts.ceph) as cluster, SnapshotJanitor() as janitor:
         for image in _select(cluster, selectors):
             results.append(_backup_one(cluster, daemon, tag, image, opts, janitor))
+        # The daemon quits (30-60 ms) while the last image's old snapshot is removed.
+        daemon.close()
     return results
 
 
