@@ -57,6 +57,9 @@ from .target import open_target
 logger = logging.getLogger(__name__)
 
 DIFF_WINDOW = 16 << 30  # one diff call per 16 GiB: each call costs ~20 ms of set-up
+# An image up to this size has its diff made with its snapshot, ahead of its job in a run; the
+# extents of a larger one could be many to hold while it waits, and its diff is small beside its copy.
+AHEAD_DIFF_MAX = 1 << 30
 UNCHANGED_REGION = 256 << 10
 
 
@@ -237,7 +240,7 @@ class Started:
         lock: ExitStack,
         source: ExitStack,
         undo: Callable[[], None],
-        first_diff: list[Extent],
+        first_diff: list[Extent] | None,
     ) -> None:
         self.img = img
         self.manifest = manifest
@@ -248,7 +251,7 @@ class Started:
         self.snap = snap
         self.src = src
         self.layer = layer
-        self.first_diff = first_diff  # the diff of the first window, made ahead with the snapshot
+        self.first_diff = first_diff  # the first window's diff, made ahead with the snapshot (small images)
         self._lock = lock
         self._source = source
         self._undo = undo
@@ -344,9 +347,9 @@ class ImageBackup:
                     # One handle on the snapshot for the diff, the first reader and the sample.
                     src = source.enter_context(self.cluster.image(self.image, snapshot=snap.name, read_only=True))
                     qcow2.create_layer(layer, snap.size, base.point.file if base.point else None)
-                    # The first (for most images the only) diff window, here: in a run that is
-                    # ahead of the job, beside the snapshot create of the next image.
-                    first_diff = self._diff(src, base, 0, min(DIFF_WINDOW, snap.size)) if snap.size else []
+                    # A small image's diff, here: in a run that is ahead of the job, beside the
+                    # snapshot create of the next image.
+                    first_diff = self._diff(src, base, 0, snap.size) if 0 < snap.size <= AHEAD_DIFF_MAX else None
                 except BaseException:
                     source.close()
                     undo()
@@ -509,7 +512,7 @@ class ImageBackup:
         base: Base,
         snap: SnapInfo,
         sums: OrderedWriter,
-        first_diff: list[Extent],
+        first_diff: list[Extent] | None,
     ) -> Stats:
         """``src``: the snapshot, for the diff, the first reader and the sample; it is closed
         (by :class:`Started`) only after every reader has stopped."""
@@ -596,13 +599,13 @@ class ImageBackup:
         snap: SnapInfo,
         skip: Callable[[int], None],
         changed: list[Range],
-        first: list[Extent],
+        first: list[Extent] | None,
     ) -> Generator[Chunk, None, None]:
-        """Planned requests, window by window (``first``: the first window's diff); ``changed`` collects
-        the ranges they cover."""
+        """Planned requests, window by window (``first``: the first window's diff, if made ahead);
+        ``changed`` collects the ranges they cover."""
         seen = 0
         for start, end in windows(snap.size, DIFF_WINDOW):
-            extents = first if start == 0 else self._diff(img, base, start, end - start)
+            extents = first if start == 0 and first is not None else self._diff(img, base, start, end - start)
             kept = drop_extent(extents, seen) + boundary_extent(base.point.size if base.point else None, snap.size)
             seen += len(extents)
             chunks = plan(kept, start=start, end=end)

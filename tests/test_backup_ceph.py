@@ -45,9 +45,12 @@ def test_large_and_small_diffs_match_rbd_export(
     ceph: Ceph, target: Path, image_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A diff with more than READER_WORTH to read goes through threads and io_uring, a small one
-    through the calling thread and Linux AIO: both write exactly the snapshot."""
-    from rbd2qcow2 import qemu
+    through the calling thread and Linux AIO: both write exactly the snapshot.  This image is
+    "large" for the diff made ahead too: its diff is made in the job, as for images above 1 GiB."""
+    from rbd2qcow2 import engine, qemu
     from rbd2qcow2.pipeline import READER_WORTH
+
+    monkeypatch.setattr(engine, "AHEAD_DIFF_MAX", 64 * MiB)
 
     used: list[str] = []
     export_chain = qemu.StorageDaemon.export_chain
