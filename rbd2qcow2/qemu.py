@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 30.0
+PREALLOCATE_SIZE = 128 << 20  # how far the preallocate filter extends a layer file at a time (qemu's default)
 
 
 def _run(args: Sequence[str], *, what: str) -> str:
@@ -70,6 +71,7 @@ def chain_options(
     direct: bool = False,
     aio: str | None = None,
     direct_aio: str = "io_uring",
+    preallocate: bool = False,
 ) -> dict[str, Any]:
     """Nested qcow2 blockdev options for ``files`` (base first, top last).
 
@@ -77,16 +79,22 @@ def chain_options(
     explicitly, so the headers' backing names are never followed.  ``aio``
     sets how the read-only layers are read (qemu's default: a thread pool),
     ``direct_aio`` how a writable top opened with ``direct`` is written.
+    ``preallocate`` puts qemu's ``preallocate`` filter over a writable top's
+    file: a write past the end of the file first extends it by
+    ``PREALLOCATE_SIZE`` at once, and closing the node cuts the file back to
+    the end of its data.  On ext4 an O_DIRECT write that extends the file
+    waits for the disk inside its submission and updates the inode each
+    time; with the filter, 205 writes of 64 KiB into a new layer took
+    14-16 ms of qemu's CPU instead of 21-22, and 21-24 ms instead of 38-40.
     """
     opts: dict[str, Any] | None = None
     for i, path in enumerate(files):
         top = i == len(files) - 1
         writable = top and writable_top
-        node: dict[str, Any] = {
-            "driver": "qcow2",
-            "file": file_node(path, direct=direct and writable, read_only=not writable, direct_aio=direct_aio),
-            "backing": opts,
-        }
+        file = file_node(path, direct=direct and writable, read_only=not writable, direct_aio=direct_aio)
+        if writable and preallocate:
+            file = {"driver": "preallocate", "prealloc-size": PREALLOCATE_SIZE, "file": file}
+        node: dict[str, Any] = {"driver": "qcow2", "file": file, "backing": opts}
         if not writable:
             node["read-only"] = True
             if aio is not None:
@@ -525,11 +533,14 @@ class StorageDaemon:
         name: str | None = None,
         aio: str | None = None,
         direct_aio: str = "io_uring",
+        preallocate: bool = False,
     ) -> Export:
-        """Open a chain (base first) and export its top over NBD."""
+        """Open a chain (base first) and export its top over NBD (options: :func:`chain_options`)."""
         self._count += 1
         node = f"n{self._count}"
-        opts = chain_options(files, writable_top=writable, direct=direct, aio=aio, direct_aio=direct_aio)
+        opts = chain_options(
+            files, writable_top=writable, direct=direct, aio=aio, direct_aio=direct_aio, preallocate=preallocate
+        )
         opts["node-name"] = node
         self.cmd("blockdev-add", **opts)
         export_id = f"e{self._count}"

@@ -57,6 +57,7 @@ def test_large_and_small_diffs_match_rbd_export(
 
     def recording(self: qemu.StorageDaemon, files: list[Path], **kw: object) -> qemu.Export:
         used.append(str(kw.get("direct_aio")) if kw.get("direct") else "page cache")
+        assert kw.get("preallocate") is True
         return export_chain(self, files, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(qemu.StorageDaemon, "export_chain", recording)
@@ -75,6 +76,9 @@ def test_large_and_small_diffs_match_rbd_export(
     assert used == ["io_uring", "native", "io_uring"]
     for point, expected in history:
         assert_point(ceph, target, image_name, point, expected, tmp_path)
+        # The preallocate filter extended each layer ahead of its writes and cut it back on close.
+        layer = chain_of(ceph, target, image_name) / point.file
+        assert layer.stat().st_size == qemu.check_layer(layer)["image-end-offset"]
 
 
 @pytest.mark.parametrize("features", ["layering", "fast-diff"])

@@ -10,6 +10,7 @@ from helpers import Ceph, MiB
 
 from rbd2qcow2.ceph import CephOptions, Cluster
 from rbd2qcow2.errors import CephError
+from rbd2qcow2.extents import Extent
 from rbd2qcow2.names import ImageSpec
 
 pytestmark = pytest.mark.ceph
@@ -30,3 +31,30 @@ def test_read_many_returns_every_range_in_order_and_reports_a_failure(ceph: Ceph
             rimg.read_many([(0, 65536), (8 * MiB, 8 * MiB + 65536), (MiB, MiB + 65536)])  # one past the end
         assert time.monotonic() - started < 30
         assert rimg.read_many([(MiB, 2 * MiB)]) == [data[MiB : 2 * MiB]]  # the handle goes on
+
+
+def test_at_snapshot_reads_the_snapshot_then_the_head_again(ceph: Ceph, image_name: str) -> None:
+    """The head's handle set to a snapshot reads and diffs the snapshot; afterwards it is the
+    head again, and snapshots can be made and removed through it."""
+    ceph.create(image_name, 8 * MiB, "fast-diff")
+    old, new = os.urandom(MiB), os.urandom(MiB)
+    spec = ImageSpec(ceph.pool, "", image_name)
+    with Cluster(CephOptions(conf=str(ceph.conf))) as cluster, cluster.image(spec) as head:
+        with ceph.image(image_name) as img:
+            img.write(old, 0)
+        base = head.create_snapshot("base")
+        with ceph.image(image_name) as img:
+            img.write(new, 0)
+            img.write(new, 4 * MiB)
+        snap = head.create_snapshot("snap")
+        with ceph.image(image_name) as img:
+            img.write(old, 4 * MiB)  # after the snapshot: not seen through it
+        with head.at_snapshot("snap") as src:
+            assert src.read_many([(0, MiB), (4 * MiB, 5 * MiB)]) == [new, new]
+            assert src.diff(0, 8 * MiB, "base", False) == [
+                Extent(0, MiB, True),
+                Extent(4 * MiB, MiB, True),
+            ]
+        assert head.read_many([(4 * MiB, 5 * MiB)]) == [old]
+        head.remove_snapshot("base")
+        assert [s.name for s in head.snapshots()] == ["snap"] and snap.id != base.id

@@ -117,3 +117,30 @@ def test_write_many_lands_every_write_and_reports_a_failure_after_the_rest(tmp_p
                 conn.flush()
         finally:
             daemon.remove_export(export)
+
+
+def test_preallocated_layer_grows_ahead_and_is_cut_back_on_close(tmp_path: Path) -> None:
+    """With the preallocate filter the file runs ahead of the writes while the export is open
+    and ends at its last cluster once it is closed; the layer reads back and checks clean."""
+    layer = tmp_path / "layer.qcow2"
+    qcow2.create_layer(layer, 1024 * MiB, None)
+    blocks = {i * 3 * MiB: os.urandom(64 * 1024) for i in range(40)}
+    with qemu.storage_daemon() as daemon:
+        export = daemon.export_chain([layer], writable=True, direct=True, direct_aio="native", preallocate=True)
+        try:
+            with Connection(export.socket, export.name) as conn:
+                conn.write_many([(offset, memoryview(data)) for offset, data in blocks.items()])
+                conn.flush()
+            assert layer.stat().st_size >= qemu.PREALLOCATE_SIZE
+        finally:
+            daemon.remove_export(export)
+        report = qemu.check_layer(layer)
+        assert layer.stat().st_size == report["image-end-offset"] < qemu.PREALLOCATE_SIZE
+        assert not report.get("leaks") and not report.get("corruptions")
+        export = daemon.export_chain([layer], writable=False)
+        try:
+            with Connection(export.socket, export.name) as conn:
+                for offset, data in blocks.items():
+                    assert conn.pread(len(data), offset) == data
+        finally:
+            daemon.remove_export(export)
