@@ -121,7 +121,8 @@ def backup(specs: Sequence[str], opts: BackupOptions) -> list[BackupResult]:
     tag = open_target(opts.target, create=True)
     results: list[BackupResult] = []
     # The daemon boots while we connect to the cluster.
-    with qemu.storage_daemon() as daemon, Cluster(opts.ceph) as cluster, SnapshotJanitor() as janitor:
+    # The daemon works in the target, where it is given short names (see qemu.chain_options).
+    with qemu.storage_daemon(root=opts.target) as daemon, Cluster(opts.ceph) as cluster, SnapshotJanitor() as janitor:
         for image in _select(cluster, selectors):
             results.append(_backup_one(cluster, daemon, tag, image, opts, janitor))
         # The daemon quits (30-60 ms) while the last image's old snapshot is removed.

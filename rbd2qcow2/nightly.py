@@ -250,7 +250,7 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
 
     def job() -> None:
         try:
-            with qemu.storage_daemon() as daemon:
+            with qemu.storage_daemon(root=cfg.target) as daemon:  # short names (qemu.chain_options)
                 while (r := ready.get()) is not None:
                     slots.release()
                     report = _finish(cfg, r, daemon, stop, janitor)

@@ -169,11 +169,52 @@ def test_commit_opens_only_the_base_writable() -> None:
 
 def test_chain_options_set_aio_on_read_only_layers_only() -> None:
     files = [Path("a.qcow2"), Path("b.qcow2")]
-    top = qemu.chain_options(files, writable_top=True, direct=True, aio="io_uring")
+    top = qemu.chain_options(files, writable_top=True, direct=True, aio="io_uring", root=Path.cwd())
     assert top["file"] == {"driver": "file", "filename": "b.qcow2", "aio": "io_uring", "cache": {"direct": True}}
-    assert top["backing"]["file"]["aio"] == "io_uring" and top["backing"]["read-only"]
+    assert top["backing"]["file"]["aio"] == "io_uring"
     plain = qemu.chain_options(files)
     assert "aio" not in plain["file"] and "aio" not in plain["backing"]["file"]
+
+
+def test_chain_options_are_short() -> None:
+    """``read-only`` on a read-only top alone (qemu opens backing nodes and files read-only by
+    itself), names relative to the daemon's directory, the preallocate filter with its defaults."""
+    root = Path("/srv/target")
+    files = [root / "pool" / "img" / f"{i}.qcow2" for i in range(3)]
+    ro = qemu.chain_options(files, root=root)
+    rw = qemu.chain_options(files, writable_top=True, preallocate=True, root=root)
+    assert ro["read-only"] is True and "read-only" not in rw
+    assert rw["file"] == {"driver": "preallocate", "file": {"driver": "file", "filename": "pool/img/2.qcow2"}}
+    for opts in (ro["backing"], rw["backing"]):
+        assert "read-only" not in opts and "read-only" not in opts["file"]
+        assert opts["file"]["filename"] == "pool/img/1.qcow2" and opts["backing"]["backing"] is None
+
+
+def test_daemon_names_are_relative_under_its_root_only() -> None:
+    root = Path("/srv/target")
+    assert qemu.daemon_name(root / "p" / "a b" / "x.qcow2", root) == "p/a b/x.qcow2"
+    assert qemu.daemon_name(Path("/srv/other/x.qcow2"), root) == "/srv/other/x.qcow2"
+    assert qemu.daemon_name(Path("/srv/target-2/x.qcow2"), root) == "/srv/target-2/x.qcow2"
+    assert qemu.daemon_name(Path("/srv/x.qcow2"), None) == "/srv/x.qcow2"
+    assert qemu.daemon_name(Path("rel.qcow2"), None) == str(Path.cwd() / "rel.qcow2")
+
+
+def test_backing_layers_open_read_only(tmp_path: Path) -> None:
+    """What the short options leave to qemu: every node but a writable top is read-only."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"l{i}.qcow2")
+        qcow2.create_layer(files[-1], 1 << 30, files[-2].name if i else None)
+    with qemu.storage_daemon(root=tmp_path) as daemon:
+        for writable in (True, False):
+            export = daemon.export_chain(files, writable=writable, preallocate=writable)
+            try:
+                nodes = daemon.cmd("query-named-block-nodes")
+                rw = sorted(n["drv"] for n in nodes if not n["ro"])
+                assert rw == (["file", "preallocate", "qcow2"] if writable else [])
+                assert len(nodes) == 6 + writable
+            finally:
+                daemon.remove_export(export)
 
 
 def test_export_for_reading_reads_the_chain(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
