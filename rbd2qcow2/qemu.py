@@ -641,7 +641,8 @@ class StorageDaemon:
         try:
             self.cmd(command, **args)
         except QemuError as exc:
-            if "lock" in str(exc):
+            # qemu: 'Failed to get "write" lock' (and 'Is another process using the image?').
+            if "Failed to get" in str(exc) and "lock" in str(exc):
                 names = ", ".join(p.name for p in files)
                 raise InUse(f"another process has a file of the chain open ({names}): {exc}") from exc
             raise

@@ -116,6 +116,17 @@ def test_commit_refused_while_another_process_reads_the_chain(
         reader.wait()
 
 
+def test_commit_of_a_damaged_layer_is_a_qemu_error_not_in_use(
+    chain: list[Path], daemon: qemu.StorageDaemon, tmp_path: Path
+) -> None:
+    """Only qemu's lock conflicts mean "in use" (every blockdev-add error says "blockdev")."""
+    broken = tmp_path / "broken.qcow2"
+    broken.write_bytes(b"not a qcow2 file" * 4096)
+    with pytest.raises(QemuError) as caught:
+        daemon.commit([broken, chain[-1]], 0)
+    assert not isinstance(caught.value, InUse)
+
+
 def test_read_back_reads_blocks_the_merged_layer_leaves_to_its_backing(
     chain: list[Path], daemon: qemu.StorageDaemon
 ) -> None:
