@@ -240,10 +240,17 @@ class RbdImage:
         handle must not be used for anything else meanwhile.
         """
         _wrap(f"{self.label}: set snapshot {name}", lambda: self._img.set_snap(name))
+        done = False
         try:
             yield RbdImage(self._img, f"{self.label}@{name}")
+            done = True
         finally:
-            _wrap(f"{self.label}: back to the head", lambda: self._img.set_snap(None))
+            try:
+                _wrap(f"{self.label}: back to the head", lambda: self._img.set_snap(None))
+            except CephError as exc:
+                if done:
+                    raise
+                logger.error("%s", exc)  # the error that ended the block goes on
 
     def diff(self, offset: int, length: int, from_snapshot: str | None, whole_object: bool) -> list[Extent]:
         """Extents changed in ``[offset, offset+length)`` since ``from_snapshot``."""

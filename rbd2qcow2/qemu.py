@@ -53,7 +53,7 @@ def _run(args: Sequence[str], *, what: str) -> str:
 
 
 def file_node(
-    path: Path | str, *, direct: bool = False, read_only: bool = True, direct_aio: str = "io_uring"
+    path: Path, *, direct: bool = False, read_only: bool = True, direct_aio: str = "io_uring"
 ) -> dict[str, Any]:
     node: dict[str, Any] = {"driver": "file", "filename": str(path)}
     if direct:

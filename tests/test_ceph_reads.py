@@ -8,7 +8,7 @@ import time
 import pytest
 from helpers import Ceph, MiB
 
-from rbd2qcow2.ceph import CephOptions, Cluster
+from rbd2qcow2.ceph import CephOptions, Cluster, RbdImage
 from rbd2qcow2.errors import CephError
 from rbd2qcow2.extents import Extent
 from rbd2qcow2.names import ImageSpec
@@ -58,3 +58,21 @@ def test_at_snapshot_reads_the_snapshot_then_the_head_again(ceph: Ceph, image_na
         assert head.read_many([(4 * MiB, 5 * MiB)]) == [old]
         head.remove_snapshot("base")
         assert [s.name for s in head.snapshots()] == ["snap"] and snap.id != base.id
+
+
+class _StuckImage:
+    """An ``rbd.Image`` whose handle cannot be set back to the head."""
+
+    def set_snap(self, name: str | None) -> None:
+        if name is None:
+            import rbd
+
+            raise rbd.Error("set back failed")
+
+
+def test_at_snapshot_reports_a_failed_set_back_without_hiding_the_first_error() -> None:
+    img = RbdImage(_StuckImage(), "pool/img")
+    with pytest.raises(CephError, match="back to the head"), img.at_snapshot("s"):
+        pass
+    with pytest.raises(ValueError, match="the transfer failed"), img.at_snapshot("s"):
+        raise ValueError("the transfer failed")
