@@ -703,13 +703,32 @@ class StorageDaemon:
             time.sleep(0.01)
 
     def _wait_export_deleted(self, name: str) -> None:
+        """Until qemu has deleted export ``name``: its ``BLOCK_EXPORT_DELETED`` event, or
+        (no event within a quarter second) ``query-block-exports`` without it.
+
+        Waiting for the event spares a command, which qemu's monitor reads a
+        byte at a time, and consumes the events as they come: the client
+        keeps every event it is not asked for, one per image of a run.
+        """
+        from qemu.qmp import QMPError
+
+        qmp = self._connect()
         deadline = time.monotonic() + QMP_TIMEOUT
-        assert self._qmp is not None
+        ask_at = time.monotonic() + 0.25
         while time.monotonic() < deadline:
-            exports = self.cmd("query-block-exports")
-            if not any(e.get("id") == name for e in exports):
-                return
-            time.sleep(0.02)
+            try:
+                event = qmp.pull_event(wait=0.05)
+            except TimeoutError:
+                event = None
+            except (QMPError, OSError) as exc:
+                raise QemuError(f"waiting for export {name} to close: {exc!r} {self._log_tail()}") from exc
+            if event is not None:
+                if event.get("event") == "BLOCK_EXPORT_DELETED" and event.get("data", {}).get("id") == name:
+                    return
+            elif time.monotonic() >= ask_at:
+                if not any(e.get("id") == name for e in self.cmd("query-block-exports")):
+                    return
+                ask_at = time.monotonic() + 0.25
         raise QemuError(f"export {name} was not deleted in time")
 
     def close(self) -> None:

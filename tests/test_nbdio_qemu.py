@@ -144,3 +144,19 @@ def test_preallocated_layer_grows_ahead_and_is_cut_back_on_close(tmp_path: Path)
                     assert conn.pread(len(data), offset) == data
         finally:
             daemon.remove_export(export)
+
+
+def test_removing_exports_leaves_no_events_behind(tmp_path: Path) -> None:
+    """Each removal waits for qemu's BLOCK_EXPORT_DELETED and consumes it: over a run of
+    thousands of images, the QMP client keeps nothing."""
+    layer = tmp_path / "layer.qcow2"
+    qcow2.create_layer(layer, 16 * MiB, None)
+    with qemu.storage_daemon() as daemon:
+        for _ in range(20):
+            export = daemon.export_chain([layer], writable=True)
+            with Connection(export.socket, export.name) as conn:
+                conn.pwrite(b"x" * 4096, 0)
+                conn.flush()
+            daemon.remove_export(export)
+            assert daemon.cmd("query-block-exports") == []
+        assert daemon._connect().get_events(wait=False) == []
