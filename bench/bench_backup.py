@@ -376,7 +376,8 @@ def cpu_lines(label: str, m: Measurement) -> list[str]:
     osd = f", OSD {m.osd_cpu:.1f} s" if m.osd_cpu is not None else ""
     busiest = ", ".join(f"{name} {cpu:.1f}" for name, cpu in top if cpu >= 0.05) or "-"
     machine = f"machine busy {m.machine['busy']:.1f} s, others {others(m):.1f} s, steal {m.machine['steal']:.1f} s"
-    return [f"{label} (last run) CPU {m.cpu:.1f} s in {m.wall:.1f} s{osd}; {machine}; threads: {busiest}"]
+    lines = [f"{label} (last run) CPU {m.cpu:.1f} s in {m.wall:.1f} s{osd}; {machine}; threads: {busiest}"]
+    return lines + ([f"    {m.disk_text()}"] if m.disk else [])
 
 
 def load_line(rows: list[tuple[str, Pair, str]]) -> str:

@@ -506,7 +506,8 @@ def cpu_lines(label: str, m: Measurement, tree_mib: float) -> list[str]:
     machine = f"machine busy {m.machine['busy']:.1f} s, others {others(m):.1f} s, steal {m.machine['steal']:.1f} s"
     return [
         f"{label} (last run) CPU {m.cpu:.1f} s in {m.wall:.1f} s{osd}; {machine}; tree RSS up to {tree_mib:.0f} MiB;"
-        f" threads: {busiest}"
+        f" threads: {busiest}",
+        *([f"    {m.disk_text()}"] if m.disk else []),
     ]
 
 

@@ -75,6 +75,32 @@ def machine() -> dict[str, float]:
     return {"busy": user + nice + system + irq + softirq, "idle": idle, "iowait": iowait, "steal": steal}
 
 
+def disks() -> dict[str, float]:
+    """Whole disks together, since boot (/proc/diskstats): MiB read and written, and seconds the busiest was busy.
+
+    Partitions, loop, RAM and device-mapper devices are left out, so nothing
+    is counted twice.
+    """
+    whole = {
+        entry.name
+        for entry in os.scandir("/sys/block")
+        if not entry.name.startswith(("loop", "ram", "zram", "dm-", "md", "nbd"))
+    }
+    read = written = busy = 0.0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 14 or fields[2] not in whole:
+            continue
+        read += int(fields[5]) * 512 / MiB
+        written += int(fields[9]) * 512 / MiB
+        busy = max(busy, int(fields[12]) / 1000)
+    return {"read_mib": read, "written_mib": written, "busy": busy}
+
+
+def disk_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before[key] for key in after}
+
+
 class TreeSampler(threading.Thread):
     """Samples the summed RSS of a process and its descendants every 0.1 s, and (``threads``) each thread's CPU."""
 
@@ -134,6 +160,20 @@ class Measurement:
     threads: dict[str, float] = field(default_factory=dict)  # "process/thread" -> CPU seconds (sampled)
     osd_cpu: float | None = None  # CPU seconds of the throwaway cluster's OSD meanwhile
     machine: dict[str, float] = field(default_factory=dict)  # whole machine meanwhile: busy, idle, iowait, steal
+    # The disks meanwhile (the OSD's reads and writes too), then what an os.sync() right after it wrote and took.
+    disk: dict[str, float] = field(default_factory=dict)  # read_mib, written_mib, busy (s)
+    sync_s: float = 0.0
+    sync_written_mib: float = 0.0
+
+    def disk_text(self) -> str:
+        """One line: the disks during the run, and the writeback the command left behind."""
+        if not self.disk:
+            return ""
+        d = self.disk
+        return (
+            f"disk read {d['read_mib']:.0f} MiB, wrote {d['written_mib']:.0f} MiB, busy {d['busy']:.1f} s;"
+            f" left to sync afterwards {self.sync_written_mib:.0f} MiB in {self.sync_s:.2f} s"
+        )
 
 
 def launcher(rss_file: Path) -> list[str]:
@@ -148,8 +188,13 @@ def launcher(rss_file: Path) -> list[str]:
 
 
 def measure(cmd: Sequence[str], env: dict[str, str], log_path: Path, osd_pid: int | None) -> Measurement:
-    """Run ``cmd`` to completion; wall time around the whole process, rusage by wait4, peak RSS by GNU time."""
-    osd_before, machine_before = cpu_of(osd_pid), machine()
+    """Run ``cmd`` to completion; wall time around the whole process, rusage by wait4, peak RSS by GNU time.
+
+    Then (not timed) ``os.sync()``, measured: what the command left in the
+    page cache for the disk (qemu-img and ``rbd export-diff`` leave their
+    output there; rbd2qcow2 fsyncs before it exits).
+    """
+    osd_before, machine_before, disk_before = cpu_of(osd_pid), machine(), disks()
     rss_file = log_path.with_suffix(".rss")
     prefix = launcher(rss_file)
     with open(log_path, "wb") as out:
@@ -163,7 +208,11 @@ def measure(cmd: Sequence[str], env: dict[str, str], log_path: Path, osd_pid: in
         wall = time.perf_counter() - start
     threads = sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    osd_after, machine_after = cpu_of(osd_pid), machine()
+    osd_after, machine_after, disk_after = cpu_of(osd_pid), machine(), disks()
+    sync_start = time.perf_counter()
+    os.sync()
+    sync_s = time.perf_counter() - sync_start
+    synced = disk_delta(disk_after, disks())
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
@@ -175,6 +224,9 @@ def measure(cmd: Sequence[str], env: dict[str, str], log_path: Path, osd_pid: in
         threads=threads,
         osd_cpu=None if osd_before is None or osd_after is None else osd_after - osd_before,
         machine={key: machine_after[key] - machine_before[key] for key in machine_after},
+        disk=disk_delta(disk_before, disk_after),
+        sync_s=sync_s,
+        sync_written_mib=synced["written_mib"],
     )
 
 
