@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import subprocess
 import tempfile
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import qcow2, qemu
+from rbd2qcow2 import merge, qcow2, qemu
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
 from rbd2qcow2.errors import DataError, InUse, QemuError
 from rbd2qcow2.merge import _verify
@@ -47,6 +50,15 @@ def chain(tmp_path: Path) -> list[Path]:
     qcow2.create_layer(b, SIZE, l1.name)
     io(b, "write -z 0 512k", "write -P 0x33 4M 1M", "write -z 8M 64k", "write -z 12M 64k")
     return [a, l1, b]
+
+
+def has_o_direct(path: Path) -> bool:
+    """Whether the file system of ``path`` (a file) opens it with O_DIRECT."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -94,6 +106,80 @@ def test_read_back_accepts_the_commit_and_catches_a_wrong_block(chain: list[Path
     not_zero = [(i, d if i != 0 else records[2][1]) for i, d in records]
     with pytest.raises(DataError, match="offset 0"):
         _verify(daemon, [a, l1], not_zero, SIZE)
+
+
+def test_commit_writes_its_base_with_o_direct_where_the_file_system_has_it(
+    chain: list[Path], daemon: qemu.StorageDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, object]] = []
+    real_cmd = daemon.cmd
+
+    def cmd(command: str, **args: object) -> object:
+        if command == "blockdev-add":
+            sent.append(args)
+        return real_cmd(command, **args)
+
+    monkeypatch.setattr(daemon, "cmd", cmd)
+    expected = raw(chain[2])
+    daemon.commit(chain, 1)
+    assert raw(chain[1]) == expected
+    base_file = sent[-1]["backing"]["file"]  # type: ignore[index]
+    assert base_file["aio"] == "io_uring"
+    assert base_file.get("cache") == ({"direct": True} if has_o_direct(chain[1]) else None)
+
+
+def test_commit_without_o_direct_falls_back_to_the_page_cache(
+    chain: list[Path], daemon: qemu.StorageDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a file system refuses O_DIRECT (tmpfs before Linux 6.6), the base is written through the cache."""
+    sent: list[dict[str, object]] = []
+    real_cmd = daemon.cmd
+
+    def cmd(command: str, **args: object) -> object:
+        if command == "blockdev-add":
+            sent.append(args)
+            if args["backing"]["file"].get("cache"):  # type: ignore[index]
+                raise QemuError("Could not open 'l1.qcow2': Invalid argument")
+        return real_cmd(command, **args)
+
+    monkeypatch.setattr(daemon, "cmd", cmd)
+    expected = raw(chain[2])
+    daemon.commit(chain, 1)
+    assert raw(chain[1]) == expected
+    assert len(sent) == 2 and "cache" not in sent[-1]["backing"]["file"]  # type: ignore[index]
+    qemu.check_layer(chain[1])
+
+
+def test_read_back_opens_with_o_direct_or_falls_back_on_einval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8192))
+    fd = merge.open_for_read_back(path, direct=True)
+    try:
+        assert bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) == has_o_direct(path)
+        buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT asks
+        assert os.preadv(fd, [buf], 4096) == 4096 and buf[:] == bytes(4096)
+    finally:
+        os.close(fd)
+    fd = merge.open_for_read_back(path, direct=False)
+    try:
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    real_open = os.open
+
+    def no_direct(p: object, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_direct)
+    fd = merge.open_for_read_back(path, direct=True)
+    try:
+        assert os.pread(fd, 100, 0) == bytes(100)  # buffered: any length
+    finally:
+        os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        merge.open_for_read_back(tmp_path / "missing", direct=True)
 
 
 def test_commit_refused_while_another_process_reads_the_chain(
@@ -175,7 +261,10 @@ def test_commit_opens_only_the_base_writable() -> None:
     assert [n["read-only"] for n in layers] == [True, False]
     assert [n["file"].get("aio") for n in layers] == [None, "io_uring"]
     assert opts["node-name"] == "top" and layers[1]["node-name"] == "base"
+    assert "cache" not in layers[1]["file"]
     assert qemu._commit_options(files, 1, "top", "base", None)["backing"]["file"].get("aio") is None
+    direct = qemu._commit_options(files, 1, "top", "base", "io_uring", direct=True)
+    assert direct["backing"]["file"]["cache"] == {"direct": True} and "cache" not in direct["file"]
 
 
 def test_chain_options_set_aio_on_read_only_layers_only() -> None:
