@@ -288,8 +288,9 @@ def open_for_read_back(path: Path, *, direct: bool) -> int:
 
     O_DIRECT reads what the disk holds, and takes no page-cache pages:
     filling new ones cost more than the reads themselves on the machine
-    measured (a merge of 1,600 clusters: 0.38-0.51 s against 0.49-0.56 s,
-    with half the CPU).
+    measured (a merge of 1,600 clusters by hand: 0.37-0.43 s against
+    0.49-0.56 s, with half the CPU; in ``bench_chain.py`` the same wall
+    time with a fifth less CPU).
     """
     flags = os.O_RDONLY | os.O_CLOEXEC
     if direct:
