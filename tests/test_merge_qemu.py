@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import mmap
 import os
 import subprocess
@@ -121,11 +122,19 @@ def test_commit_writes_its_base_with_o_direct_where_the_file_system_has_it(
 
     monkeypatch.setattr(daemon, "cmd", cmd)
     expected = raw(chain[2])
+    size = chain[1].stat().st_size
     daemon.commit(chain, 1)
     assert raw(chain[1]) == expected
-    base_file = sent[-1]["backing"]["file"]  # type: ignore[index]
-    assert base_file["aio"] == "io_uring"
-    assert base_file.get("cache") == ({"direct": True} if has_o_direct(chain[1]) else None)
+    base, top = sent[-2:]
+    assert top["backing"] == base["node-name"]
+    if has_o_direct(chain[1]):
+        assert base["file"] == {  # the first way
+            "driver": "preallocate",
+            "file": {"driver": "file", "filename": str(chain[1]), "aio": "io_uring", "cache": {"direct": True}},
+        }
+    # The preallocate filter extends the file 128 MiB at a time and cuts it back when the base closes.
+    assert size < chain[1].stat().st_size < size + 16 * MiB
+    assert qemu.check_layer(chain[1])["check-errors"] == 0
 
 
 def test_commit_without_o_direct_falls_back_to_the_page_cache(
@@ -138,7 +147,7 @@ def test_commit_without_o_direct_falls_back_to_the_page_cache(
     def cmd(command: str, **args: object) -> object:
         if command == "blockdev-add":
             sent.append(args)
-            if args["backing"]["file"].get("cache"):  # type: ignore[index]
+            if '"cache": {"direct": true}' in json.dumps(args):
                 raise QemuError("Could not open 'l1.qcow2': Invalid argument")
         return real_cmd(command, **args)
 
@@ -146,8 +155,10 @@ def test_commit_without_o_direct_falls_back_to_the_page_cache(
     expected = raw(chain[2])
     daemon.commit(chain, 1)
     assert raw(chain[1]) == expected
-    assert len(sent) == 2 and "cache" not in sent[-1]["backing"]["file"]  # type: ignore[index]
-    qemu.check_layer(chain[1])
+    # Two refused ways (O_DIRECT with and without the filter), the buffered base, the layers above.
+    assert len(sent) == 4 and sent[2]["file"] == {"driver": "file", "filename": str(chain[1]), "aio": "io_uring"}
+    assert qemu.check_layer(chain[1])["check-errors"] == 0
+    assert [n["node-name"] for n in daemon.cmd("query-named-block-nodes")] == []
 
 
 def test_read_back_opens_with_o_direct_or_falls_back_on_einval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,21 +261,29 @@ def test_read_back_of_blocks_stored_out_of_virtual_order_with_a_short_last_block
 
 def test_commit_opens_only_the_base_writable() -> None:
     files = [Path("a.qcow2"), Path("b.qcow2"), Path("c.qcow2")]
-    opts = qemu._commit_options(files, 1, "top", "base", "io_uring")
-    layers = []
-    node = opts
-    while node is not None:
-        layers.append(node)
-        node = node["backing"]
-    # The layers below the base are not opened: the base has no backing node.
-    assert [n["file"]["filename"] for n in layers] == ["c.qcow2", "b.qcow2"]
-    assert [n["read-only"] for n in layers] == [True, False]
-    assert [n["file"].get("aio") for n in layers] == [None, "io_uring"]
-    assert opts["node-name"] == "top" and layers[1]["node-name"] == "base"
-    assert "cache" not in layers[1]["file"]
-    assert qemu._commit_options(files, 1, "top", "base", None)["backing"]["file"].get("aio") is None
-    direct = qemu._commit_options(files, 1, "top", "base", "io_uring", direct=True)
-    assert direct["backing"]["file"]["cache"] == {"direct": True} and "cache" not in direct["file"]
+    base, top = qemu._commit_options(files, 1, "top", "base", qemu.CommitWay("io_uring", True, True))
+    # The base alone, writable, without backing node, through the preallocate filter with O_DIRECT.
+    assert base == {
+        "driver": "qcow2",
+        "node-name": "base",
+        "file": {
+            "driver": "preallocate",
+            "file": {"driver": "file", "filename": "b.qcow2", "aio": "io_uring", "cache": {"direct": True}},
+        },
+        "backing": None,
+    }
+    # Above it, read-only, the layers to commit; below it nothing is opened.
+    assert top == {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": "c.qcow2", "read-only": True},
+        "backing": "base",
+        "read-only": True,
+        "node-name": "top",
+    }
+    plain, _ = qemu._commit_options(files, 1, "top", "base", qemu.CommitWay(None, False, False))
+    assert plain["file"] == {"driver": "file", "filename": "b.qcow2"}
+    _, two = qemu._commit_options([*files, Path("d.qcow2")], 1, "top", "base", qemu.COMMIT_WAYS[0])
+    assert two["backing"]["backing"] == "base" and two["backing"]["read-only"] is True
 
 
 def test_chain_options_set_aio_on_read_only_layers_only() -> None:
