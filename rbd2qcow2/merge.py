@@ -417,6 +417,23 @@ def journal_commit(directory: Path, m: mf.Manifest, drop: Sequence[str], child_i
     )
 
 
+def cut_to_image_end(path: Path) -> None:
+    """Cut a layer's file back to where qemu says its image ends, if it is longer.
+
+    The commit writes through qemu's ``preallocate`` filter, which extends
+    the file ahead of the writes and cuts it back when it closes.  A commit
+    that was killed leaves the extension (up to 128 MiB) behind, and the
+    filter of the next attempt takes the file's length for the end of its
+    data, so it would stay.  What lies past the image end is referenced by
+    nothing, so no view of any chain changes.
+    """
+    end = qemu.check_layer(path).get("image-end-offset")
+    size = path.stat().st_size
+    if isinstance(end, int) and 0 < end < size:
+        logger.info("%s: cutting %d bytes past the image's end (left by an interrupted merge)", path.name, size - end)
+        os.truncate(path, end)
+
+
 def commit_in_place(
     directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon, *, progress: bool
 ) -> None:
@@ -436,9 +453,10 @@ def commit_in_place(
     base = len(files) - len(pm.drop) - 1
     upper = [m.point(d) for d in pm.drop[1:]] + [child]
     total = sum(p.data_bytes + p.zero_bytes for p in upper)
+    merged = files[base]
+    cut_to_image_end(merged)
     with Progress(f"merge into {child.id}", total, enabled=progress) as bar:
         daemon.commit(files, base, bar.update)
-    merged = files[base]
     fd = os.open(merged, os.O_RDONLY)
     try:
         os.fsync(fd)

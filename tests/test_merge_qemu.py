@@ -20,6 +20,7 @@ from rbd2qcow2 import merge, qcow2, qemu
 from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
 from rbd2qcow2.errors import DataError, InUse, QemuError
 from rbd2qcow2.merge import _verify
+from rbd2qcow2.nbdio import Connection
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -159,6 +160,33 @@ def test_commit_without_o_direct_falls_back_to_the_page_cache(
     assert len(sent) == 4 and sent[2]["file"] == {"driver": "file", "filename": str(chain[1]), "aio": "io_uring"}
     assert qemu.check_layer(chain[1])["check-errors"] == 0
     assert [n["node-name"] for n in daemon.cmd("query-named-block-nodes")] == []
+
+
+def test_what_a_killed_commit_preallocated_is_cut_before_the_next_one(chain: list[Path]) -> None:
+    """A commit killed with the preallocate filter open leaves up to 128 MiB past the image's end;
+    the next attempt's filter would keep it.  It is cut first, and the content stays."""
+    a, l1, b = chain
+    expected = raw(b)
+    with qemu.storage_daemon() as d:
+        export = d.export_chain([a, l1], writable=True, preallocate=True)
+        with Connection(export.socket, export.name) as conn:  # the commit's first cluster: b's data
+            conn.pwrite(expected[4 * MiB : 4 * MiB + BLOCK_SIZE], 4 * MiB)
+            conn.flush()
+        assert l1.stat().st_size > 100 * MiB
+        proc = d._proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+    end = qemu.check_layer(l1)["image-end-offset"]
+    assert l1.stat().st_size > end + 100 * MiB  # left behind
+    merge.cut_to_image_end(l1)
+    assert l1.stat().st_size == end
+    with qemu.storage_daemon() as d:
+        d.commit(chain, 1)
+    assert raw(l1) == expected
+    assert l1.stat().st_size <= qemu.check_layer(l1)["image-end-offset"]
+    merge.cut_to_image_end(l1)  # nothing to cut: unchanged
+    assert raw(l1) == expected
 
 
 def test_read_back_opens_with_o_direct_or_falls_back_on_einval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

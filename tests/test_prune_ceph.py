@@ -14,6 +14,7 @@ import pytest
 from helpers import Ceph, MiB, Workload, assert_same_content, qcow2_to_raw, run_cli
 
 from rbd2qcow2 import manifest as mf
+from rbd2qcow2 import qemu
 from rbd2qcow2.names import ImageSpec
 from rbd2qcow2.target import chain_dir
 
@@ -141,6 +142,9 @@ def test_kill9_during_commit_merge(ceph: Ceph, target: Path, image_name: str, tm
     expected[new.id] = ceph.export(image_name, new.snapshot.name, tmp_path / "exp-new")
     m = assert_points(target, ceph, image_name, expected, tmp_path)
     assert [p.id for p in m.points][:2] == [ids[1], ids[2]] and m.points[0].kind == "full"
+    for p in m.points:  # nothing left past an image's end by the preallocate filter of the killed commit
+        layer = directory / p.file
+        assert layer.stat().st_size <= qemu.check_layer(layer)["image-end-offset"], p.file
 
 
 def wait_unlocked(layer: Path) -> None:
