@@ -62,6 +62,7 @@ from .checksums import (
 from .errors import ChainDamaged, DataError
 from .extents import Chunk, Extent, boundary_extent, plan
 from .faults import crashpoint
+from .fsutil import fsync_file
 from .progress import Progress
 from .qcow2 import create_layer, host_clusters, read_header
 
@@ -425,7 +426,9 @@ def cut_to_image_end(path: Path) -> None:
     that was killed leaves the extension (up to 128 MiB) behind, and the
     filter of the next attempt takes the file's length for the end of its
     data, so it would stay.  What lies past the image end is referenced by
-    nothing, so no view of any chain changes.
+    nothing, so no view of any chain changes.  Run before a resumed commit
+    only: the journal entry is written before a commit starts, so a base
+    that a killed commit extended is always one of a pending merge.
     """
     end = qemu.check_layer(path).get("image-end-offset")
     size = path.stat().st_size
@@ -435,7 +438,7 @@ def cut_to_image_end(path: Path) -> None:
 
 
 def commit_in_place(
-    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon, *, progress: bool
+    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon, *, progress: bool, resumed: bool
 ) -> None:
     """Commit a journaled merge into the oldest dropped layer and rename it over the child's file.
 
@@ -454,14 +457,11 @@ def commit_in_place(
     upper = [m.point(d) for d in pm.drop[1:]] + [child]
     total = sum(p.data_bytes + p.zero_bytes for p in upper)
     merged = files[base]
-    cut_to_image_end(merged)
+    if resumed:  # only a killed commit leaves the filter's extension, and its journal entry
+        cut_to_image_end(merged)
     with Progress(f"merge into {child.id}", total, enabled=progress) as bar:
         daemon.commit(files, base, bar.update)
-    fd = os.open(merged, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(merged)
     # qemu-img check of the merged layer runs while its blocks are read back; both must pass.
     with ThreadPoolExecutor(1) as pool:
         checked = pool.submit(qemu.check_layer, merged)

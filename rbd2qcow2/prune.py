@@ -182,12 +182,18 @@ def recover(directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None =
     logger.warning("%s: finishing the interrupted merge of %s into %s", m.image, ", ".join(pm.drop), pm.child)
     if pm.method == merge.COMMIT and daemon is None:
         with qemu.storage_daemon() as own:
-            return _finish(directory, m, pm, own, progress=False)
-    return _finish(directory, m, pm, daemon, progress=False)
+            return _finish(directory, m, pm, own, progress=False, resumed=True)
+    return _finish(directory, m, pm, daemon, progress=False, resumed=True)
 
 
 def _finish(
-    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon | None, *, progress: bool
+    directory: Path,
+    m: mf.Manifest,
+    pm: mf.PendingMerge,
+    daemon: qemu.StorageDaemon | None,
+    *,
+    progress: bool,
+    resumed: bool = False,
 ) -> mf.Manifest:
     """Put the merged files in place, commit, delete the dropped files (each step idempotent)."""
     child = m.point(pm.child)
@@ -195,7 +201,7 @@ def _finish(
     renames = [(sums, directory / names.sums_file(child.id))]
     if pm.method == merge.COMMIT:
         assert daemon is not None
-        merge.commit_in_place(directory, m, pm, daemon, progress=progress)
+        merge.commit_in_place(directory, m, pm, daemon, progress=progress, resumed=resumed)
     else:
         renames.insert(0, (layer, directory / child.file))
     for tmp, final in renames:

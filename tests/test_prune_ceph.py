@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from helpers import Ceph, MiB, Workload, assert_same_content, qcow2_to_raw, run_cli
 
+from rbd2qcow2 import fsutil, merge, qemu
 from rbd2qcow2 import manifest as mf
-from rbd2qcow2 import qemu
 from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.prune import delete_point
 from rbd2qcow2.target import chain_dir
 
 pytestmark = pytest.mark.ceph
@@ -142,9 +143,36 @@ def test_kill9_during_commit_merge(ceph: Ceph, target: Path, image_name: str, tm
     expected[new.id] = ceph.export(image_name, new.snapshot.name, tmp_path / "exp-new")
     m = assert_points(target, ceph, image_name, expected, tmp_path)
     assert [p.id for p in m.points][:2] == [ids[1], ids[2]] and m.points[0].kind == "full"
-    for p in m.points:  # nothing left past an image's end by the preallocate filter of the killed commit
+    for p in m.points:  # nothing left past an image's end by the killed commit
         layer = directory / p.file
         assert layer.stat().st_size <= qemu.check_layer(layer)["image-end-offset"], p.file
+
+
+def test_commit_merge_fsyncs_the_merged_layer_before_its_rename(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge fsyncs the committed base, and only then renames it over the child."""
+    expected = build(ceph, target, image_name, tmp_path, cycles=3)
+    ids = sorted(expected)
+    m = manifest(target, ceph, image_name)
+    merged, child = m.point(ids[0]).file, m.point(ids[1]).file
+    events: list[tuple[str, str, str]] = []
+    real_fsync, real_replace = fsutil.fsync_file, os.replace
+
+    def fsync_file(path: Path) -> None:
+        real_fsync(path)
+        events.append(("fsync", Path(path).name, ""))
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(merge, "fsync_file", fsync_file)
+    monkeypatch.setattr(os, "replace", replace)
+    assert delete_point(target, f"{ceph.pool}/{image_name}@{ids[0]}") == f"{ceph.pool}/{image_name}@{ids[0]}"
+    assert events.index(("fsync", merged, "")) < events.index(("replace", merged, child))
+    m = assert_points(target, ceph, image_name, expected, tmp_path)
+    assert [p.id for p in m.points] == ids[1:]
 
 
 def wait_unlocked(layer: Path) -> None:
