@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import rados
 import rbd
 
-from .errors import CephError, CephUnavailable, Claimed, NotFound
+from .errors import CephError, CephUnavailable, Claimed, ClaimLost, NotFound
 from .extents import Extent
 from .names import ImageSpec
 
@@ -30,7 +31,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CONNECT_TIMEOUT = 30
 CLAIM_LOCK = "rbd2qcow2"
-LOCK_FLAG_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW
+LOCK_FLAG_MUST_RENEW = 2  # LIBRADOS_LOCK_FLAG_MUST_RENEW: renew only a lock still held
+RENEW_FRACTION = 1 / 3  # renew every third of the lease (at most half of it, to leave room for a retry)
+# Work on an image stops once the last renewal is this old (as a fraction of the lease): the
+# rest is the margin for the work to stop before another host may take the image.
+LAPSE_MARGIN = 0.8
 # librbd options for writing a whole image (read when an image is opened)
 BULK_WRITE_OPTIONS = {"rbd_cache": "false", "rbd_disable_zero_copy_writes": "false"}
 
@@ -162,30 +167,32 @@ class Cluster:
             _wrap(f"remove image {spec}", lambda: rbd.RBD().remove(ioctx, spec.name))
 
     @contextlib.contextmanager
-    def claim(self, spec: ImageSpec, ttl: int) -> Iterator[None]:
+    def claim(self, spec: ImageSpec, ttl: int) -> Iterator[Claim]:
         """Hold a RADOS lock that says "this host backs up ``spec`` now", renewed while held.
 
         The lock lives on a small object of ours beside the image
         (``rbd2qcow2_claim.<hash of the name>``) with a duration of ``ttl``
         seconds, renewed every ``ttl/3``: if this host dies, the claim
         expires by itself.  Raises :class:`Claimed` when another holder has it.
+        The :class:`Claim` yielded says, through :meth:`Claim.check`, whether
+        the lease still holds (a renewal failed, or came too late).
         """
         obj = "rbd2qcow2_claim." + hashlib.sha256(spec.name.encode()).hexdigest()[:24]
         cookie = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            taken = time.monotonic()  # the lease runs from before the request, at the latest
             try:
                 ioctx.lock_exclusive(obj, CLAIM_LOCK, cookie, desc=str(spec), duration=ttl)
             except rados.ObjectBusy as exc:
                 raise Claimed(str(spec)) from exc
             except rados.Error as exc:
                 raise CephError(f"claim on {spec}: {exc}") from exc
+            claim = Claim(str(spec), Lease(ttl, taken))
             stop = threading.Event()
-            renewer = threading.Thread(
-                target=_renew, args=(ioctx, obj, cookie, ttl, stop, str(spec)), name="claim", daemon=True
-            )
+            renewer = threading.Thread(target=_renew, args=(ioctx, obj, cookie, claim, stop), name="claim", daemon=True)
             renewer.start()
             try:
-                yield
+                yield claim
             finally:
                 stop.set()
                 renewer.join()
@@ -193,12 +200,80 @@ class Cluster:
                     ioctx.unlock(obj, CLAIM_LOCK, cookie)
 
 
-def _renew(ioctx: Any, obj: str, cookie: str, ttl: int, stop: threading.Event, label: str) -> None:
-    while not stop.wait(ttl / 3):
+@dataclass
+class Lease:
+    """The timing of a claim's lease (pure): when it was last taken or renewed, and whether a renewal failed.
+
+    Times are ``time.monotonic()`` values taken before each request was
+    sent, so the lease is never thought to run longer than it does.
+    """
+
+    ttl: float
+    renewed: float
+    failure: str | None = None
+
+    def interval(self) -> float:
+        """Seconds between renewals: several tries fit in the part of the lease work may use."""
+        return self.ttl * RENEW_FRACTION
+
+    def lost(self, now: float) -> str | None:
+        """Why the claim can no longer be relied on at ``now``, or None while it holds."""
+        if self.failure is not None:
+            return f"renewal failed: {self.failure}"
+        age = now - self.renewed
+        if age > self.ttl * LAPSE_MARGIN:
+            return f"not renewed for {age:.0f} s of a {self.ttl:.0f} s lease"
+        return None
+
+
+class Claim:
+    """A claim held by :meth:`Cluster.claim`; its renewer thread updates the lease."""
+
+    def __init__(self, label: str, lease: Lease) -> None:
+        self.label = label
+        self._lease = lease
+        self._lock = threading.Lock()
+
+    def renewed(self, at: float) -> None:
+        with self._lock:
+            if self._lease.failure is None:
+                self._lease.renewed = max(self._lease.renewed, at)
+
+    def failed(self, why: str) -> None:
+        with self._lock:
+            if self._lease.failure is None:
+                self._lease.failure = why
+
+    @property
+    def interval(self) -> float:
+        return self._lease.interval()
+
+    @property
+    def ttl(self) -> int:
+        return int(self._lease.ttl)
+
+    def check(self) -> None:
+        """Raise :class:`ClaimLost` once the lease may lapse: work on the image must stop."""
+        with self._lock:
+            why = self._lease.lost(time.monotonic())
+        if why is not None:
+            raise ClaimLost(self.label, why)
+
+
+def _renew(ioctx: Any, obj: str, cookie: str, claim: Claim, stop: threading.Event) -> None:
+    """Renew until ``stop``; the first failure ends the claim (another host may hold the lock by now)."""
+    while not stop.wait(claim.interval):
+        sent = time.monotonic()
         try:
-            ioctx.lock_exclusive(obj, CLAIM_LOCK, cookie, desc=label, duration=ttl, flags=LOCK_FLAG_RENEW)
+            # MUST_RENEW: a lock that was broken or expired meanwhile is not silently taken again.
+            ioctx.lock_exclusive(
+                obj, CLAIM_LOCK, cookie, desc=claim.label, duration=claim.ttl, flags=LOCK_FLAG_MUST_RENEW
+            )
         except rados.Error as exc:
-            logger.error("%s: could not renew the claim: %s", label, exc)
+            logger.error("%s: could not renew the claim: %s; the image's work stops", claim.label, exc)
+            claim.failed(str(exc))
+            return
+        claim.renewed(sent)
 
 
 class RbdImage:

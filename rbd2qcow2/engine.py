@@ -77,7 +77,7 @@ class BackupOptions:
     progress: bool = False
     direct_io: bool = True
     check_unchanged: float = 0.002  # fraction of unchanged regions compared with the snapshot
-    # Called often during a transfer; raises (Cancelled) to stop it, e.g. from a scheduler's thread.
+    # Called often during a transfer and once before the commit; raises (Cancelled, ClaimLost) to stop it.
     interrupt: Callable[[], None] = dataclasses.field(default=lambda: None, compare=False, repr=False)
 
 
@@ -378,6 +378,8 @@ class ImageBackup:
         try:
             crashpoint("after-snapshot")
             point = self._write_point(daemon, started)
+            # The last word before the commit: a signal, or a run's claim that lapsed, undoes the point.
+            self.opts.interrupt()
             mf.save(self.dir, started.manifest.with_point(point, started.image_id))
         except DiffMismatch:
             started.abandon()

@@ -21,6 +21,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- Locked          another run holds the chain lock (75)
                |    +-- InUse       another process has a file of the chain open
                +-- Claimed         another host holds the image's RADOS claim (75)
+               +-- ClaimLost       this run's claim lapsed or was taken while it worked (75)
                +-- ConfigError     configuration is wrong (78)
 
 ``Cancelled`` derives from ``BaseException`` so that no ``except Exception``
@@ -124,6 +125,12 @@ class InUse(Locked):
 
 class Claimed(Error):
     """{} is being backed up by another host"""
+
+    exit_code = os.EX_TEMPFAIL
+
+
+class ClaimLost(Error):
+    """claim on {} lost ({}): work on the image stopped"""
 
     exit_code = os.EX_TEMPFAIL
 

@@ -17,6 +17,7 @@ snapshot) at most ``PREP_AHEAD * jobs`` images ahead of the job threads; see
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -30,7 +31,7 @@ from pathlib import Path
 from . import manifest as mf
 from . import qemu
 from .activity import record
-from .ceph import CephOptions, Cluster, RbdImage
+from .ceph import CephOptions, Claim, Cluster, RbdImage
 from .config import SKIP_META, ClusterConfig, RunConfig
 from .engine import BackupOptions, ImageBackup, SnapshotJanitor, Started
 from .errors import Cancelled, Claimed, DataError, Error
@@ -48,6 +49,7 @@ POLL = 0.1
 # Images prepared (claimed, snapshot taken) ahead of the job threads, per job: with one per job, the
 # jobs of a 40-image run waited 1.2-3.8 s in all for their next image; with two, 0.5-0.8 s.
 PREP_AHEAD = 2
+DAEMON_RESTARTS = 3  # per job thread and run: a daemon that keeps dying is not started forever
 
 
 @dataclass
@@ -190,6 +192,7 @@ class _Ready:
     report: ImageReport
     prep_seconds: float
     claim: ExitStack  # the claim: released last
+    held: Claim  # says whether the claim still holds
     head: ExitStack  # the image handle: handed to the janitor after the commit
     img: RbdImage
     job: ImageBackup
@@ -254,10 +257,10 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
 
     def job() -> None:
         try:
-            with qemu.storage_daemon(root=cfg.target) as daemon:  # short names (qemu.chain_options)
+            with _Daemons(cfg.target) as daemons:
                 while (r := ready.get()) is not None:
                     slots.release()
-                    report = _finish(cfg, r, daemon, stop, janitor)
+                    report = _finish(cfg, r, daemons.current(), stop, janitor)
                     with lock:
                         results.append(report)
         except BaseException as exc:  # carried to the main thread
@@ -287,6 +290,48 @@ def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) ->
     if errors:
         raise errors[0]
     return results
+
+
+class _Daemons:
+    """A job thread's qemu-storage-daemon, started again (``DAEMON_RESTARTS`` times at most) when it died.
+
+    A daemon killed under an image (the OOM killer, a qemu crash) fails that
+    image; the images after it get a new daemon instead of the dead one's errors.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._stack = ExitStack()
+        self._daemon: qemu.StorageDaemon | None = None
+        self.restarts = 0
+
+    def __enter__(self) -> _Daemons:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _start(self) -> None:
+        # Named relative to the target (short names, see qemu.chain_options).
+        self._daemon = self._stack.enter_context(qemu.storage_daemon(root=self._root))
+
+    def current(self) -> qemu.StorageDaemon:
+        """The daemon for the next image: a new one if the last one died and restarts are left."""
+        assert self._daemon is not None
+        if self._daemon.alive or self.restarts >= DAEMON_RESTARTS:
+            return self._daemon
+        self.restarts += 1
+        logger.warning(
+            "qemu-storage-daemon (pid %s) died; starting a new one (%d of at most %d in this job)",
+            self._daemon.pid,
+            self.restarts,
+            DAEMON_RESTARTS,
+        )
+        self._stack.close()
+        self._stack = ExitStack()
+        self._start()
+        return self._daemon
 
 
 def _take(slots: threading.Semaphore, abort: threading.Event) -> bool:
@@ -336,7 +381,7 @@ def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop)
     try:
         with ExitStack() as claim, ExitStack() as head:  # handed on in the _Ready, or closed here
             stop.check()
-            claim.enter_context(w.handle.claim(w.image, cfg.claim_ttl))
+            held = claim.enter_context(w.handle.claim(w.image, cfg.claim_ttl))
             done_elsewhere = _point_since(chain_dir(cfg.target, w.image), started)
             if done_elsewhere is not None:
                 report.status, report.point = SKIPPED, done_elsewhere
@@ -354,12 +399,12 @@ def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop)
                         whole_object=cfg.whole_object,
                         check_unchanged=cfg.check_unchanged,
                         wait=True,
-                        interrupt=stop.check,
+                        interrupt=functools.partial(_check, stop, held),
                     )
                     job = ImageBackup(w.handle, tag, w.image, opts)
                     begun = job.start(img)
                     prepared = time.monotonic() - t0
-                    return _Ready(w, report, prepared, claim.pop_all(), head.pop_all(), img, job, begun)
+                    return _Ready(w, report, prepared, claim.pop_all(), held, head.pop_all(), img, job, begun)
     except Claimed as exc:
         report.status, report.reason = SKIPPED, str(exc)
     except Cancelled:
@@ -367,6 +412,12 @@ def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop)
     except BaseException as exc:
         _failed(cfg, w, report, exc)
     return _done(cfg, w, report, t0)
+
+
+def _check(stop: _Stop, held: Claim) -> None:
+    """The backup's interrupt hook: a signal, or a claim that no longer holds, stops the image."""
+    stop.check()
+    held.check()
 
 
 def _finish(
@@ -386,6 +437,7 @@ def _finish(
             report.point, report.kind, report.reason = point.id, point.kind, reason
             report.bytes_read, report.bytes_written = r.job.stats.read_bytes, point.data_bytes + point.zero_bytes
             report.last_success = point.created
+            r.held.check()  # the chain is not pruned under a claim another host may hold by now
             _prune_verify(cfg, w, daemon, point.id)
     except Cancelled:
         raise

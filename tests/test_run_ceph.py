@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Ceph, MiB, run_cli
+from helpers import REPO, Ceph, MiB, assert_same_content, qcow2_to_raw, run_cli
 
 from rbd2qcow2 import manifest as mf
 from rbd2qcow2.names import ImageSpec
@@ -218,3 +218,129 @@ def test_a_daemon_that_cannot_start_fails_every_image_and_leaves_nothing(pool: C
     proc = run_cli("run", "--config", str(config(tmp_path, pool)), "--json")
     assert proc.returncode == 0, proc.stderr
     assert {i["image"]: i["status"] for i in json.loads(proc.stdout)["images"]} == {n: "ok" for n in names}
+
+
+def stalled_run(cfg: Path, stall: Path, seconds: int) -> subprocess.Popen[str]:
+    """A ``run --json`` whose images stall mid-transfer; returns once the first one stalls."""
+    import time
+
+    env = dict(
+        os.environ,
+        RBD2QCOW2_STALL_AT="mid-transfer",
+        RBD2QCOW2_STALL_FILE=str(stall),
+        RBD2QCOW2_STALL_SECONDS=str(seconds),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rbd2qcow2", "run", "--config", str(cfg), "--json"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not stall.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+def storage_daemons(pid: int) -> list[int]:
+    """The qemu-storage-daemon children of process ``pid`` (any of its threads may have started one)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
+            except FileNotFoundError:
+                continue
+            if argv0.endswith(b"qemu-storage-daemon"):
+                found.append(int(child))
+    return found
+
+
+def assert_clean_chain(pool: Ceph, target: Path, name: str) -> None:
+    """No point, no leftover file, no snapshot of ours: what a failed first backup must leave."""
+    directory = chain_dir(target, ImageSpec(pool.pool, "", name))
+    m = mf.load(directory) if directory.exists() else None
+    assert m is None or m.points == ()
+    if directory.exists():
+        left = [p.name for p in directory.iterdir() if p.name.endswith((".partial", ".qcow2", ".sums"))]
+        assert left == [], left
+    assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == []
+
+
+def assert_restores(pool: Ceph, target: Path, name: str, tmp_path: Path) -> None:
+    """The image's one point reads byte for byte as ``rbd export`` of its snapshot."""
+    directory = chain_dir(target, ImageSpec(pool.pool, "", name))
+    m = mf.load(directory)
+    assert m is not None and len(m.points) == 1 and m.latest is not None, name
+    assert [s for s in pool.snapshots(name) if s.startswith("rbd2qcow2.")] == [m.latest.snapshot.name]
+    expected = pool.export(name, m.latest.snapshot.name, tmp_path / f"{name}.expected")
+    actual = qcow2_to_raw(directory / m.latest.file, tmp_path / f"{name}.raw")
+    assert_same_content(actual, expected)
+
+
+def test_a_killed_storage_daemon_fails_only_the_image_it_was_writing(pool: Ceph, tmp_path: Path) -> None:
+    """SIGKILL of the job's qemu-storage-daemon mid-image: that image fails (74), the run starts a new
+    daemon, and the images after it are backed up."""
+    import signal
+
+    names = ["img-a", "img-b", "img-c"]
+    for name in names:
+        pool.create(name, 32 * MiB)
+        with pool.image(name) as img:
+            img.write(os.urandom(24 * MiB), 0)
+    cfg = config(tmp_path, pool, jobs=1)
+    proc = stalled_run(cfg, tmp_path / "stalled", seconds=3)
+    daemons = storage_daemons(proc.pid)
+    assert len(daemons) == 1, daemons
+    os.kill(daemons[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 74, err
+    assert "Traceback" not in err and "starting a new one" in err, err
+    report = {i["image"]: i for i in json.loads(out)["images"]}
+    failed = [n for n in names if report[n]["status"] == "failed"]
+    assert len(failed) == 1 and report[failed[0]]["exit_code"] == 74, report
+    assert all(report[n]["status"] == "ok" for n in names if n not in failed), report
+    target = tmp_path / "target"
+    assert_clean_chain(pool, target, failed[0])
+    for name in names:
+        if name not in failed:
+            assert_restores(pool, target, name, tmp_path)
+
+
+def test_a_claim_lost_mid_backup_stops_the_image_and_commits_nothing(pool: Ceph, tmp_path: Path) -> None:
+    """Another holder takes the claim while the backup stalls: the renewal fails, the image fails (75),
+    its partial point is undone, and the other holder's lock is left alone."""
+    import hashlib
+
+    import rados
+
+    pool.create("claimed", 32 * MiB)
+    with pool.image("claimed") as img:
+        img.write(os.urandom(24 * MiB), 0)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'target = "{tmp_path / "target"}"\njobs = 1\nparallel = 2\nclaim_ttl = 10\n'
+        f'[[clusters]]\nname = "test"\nconf = "{pool.conf}"\n'
+        f'[[clusters.pools]]\nname = "{pool.pool}"\n'
+    )
+    obj = "rbd2qcow2_claim." + hashlib.sha256(b"claimed").hexdigest()[:24]
+    # Longer than the lease: the image goes on only after its claim could have lapsed.
+    proc = stalled_run(cfg, tmp_path / "stalled", seconds=12)
+    pool.ioctx.remove_object(obj)  # the run's lock goes with its object
+    pool.ioctx.lock_exclusive(obj, "rbd2qcow2", "other-host", desc="other", duration=120)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and "could not renew the claim" in err, err
+    (image,) = json.loads(out)["images"]
+    assert image["status"] == "failed" and image["exit_code"] == 75 and "claim" in image["error"], image
+    assert image["point"] is None
+    assert_clean_chain(pool, tmp_path / "target", "claimed")
+    with pytest.raises(rados.ObjectBusy):  # the other holder still has it
+        pool.ioctx.lock_exclusive(obj, "rbd2qcow2", "third", duration=10)
+    pool.ioctx.unlock(obj, "rbd2qcow2", "other-host")
+    proc2 = run_cli("run", "--config", str(cfg), "--json")
+    assert proc2.returncode == 0, proc2.stderr
+    assert_restores(pool, tmp_path / "target", "claimed", tmp_path)
