@@ -19,7 +19,8 @@ parent ``A`` (or none): ``N`` over ``A`` must read exactly like ``B`` over
    view, or the merge is abandoned.
 
 That is the general method (``copy``).  When ``L1..Lk`` and ``B`` all have
-the same virtual size, the usual case, a cheaper one applies (``commit``):
+the same virtual size, the usual case, and ``L1``'s file has no other hard
+link, a cheaper one applies (``commit``):
 qemu commits ``L2..Lk`` and ``B`` into ``L1``'s file (``block-commit``),
 which then reads exactly like ``B`` and is renamed over ``B``'s file.  It
 writes only what the upper layers hold, not the dropped layer's data again.
@@ -376,12 +377,42 @@ COPY = "copy"
 COMMIT = "commit"
 
 
-def method(m: mf.Manifest, drop: Sequence[str], child_id: str) -> str:
-    """``commit`` when the dropped layers and the child share one size and all have checksums (pure)."""
+def method(m: mf.Manifest, drop: Sequence[str], child_id: str, *, shared: bool = False) -> str:
+    """``commit`` when the dropped layers and the child share one size and all have checksums (pure).
+
+    ``shared``: the file the commit would write (the oldest dropped layer's,
+    see :func:`commit_base`) has other hard links; writing it would change
+    their content too, so the copy method, which writes only new files, is used.
+    """
     layers = [m.point(d) for d in drop] + [m.point(child_id)]
-    if len({p.size for p in layers}) == 1 and all(p.checksums is not None for p in layers):
+    if not shared and len({p.size for p in layers}) == 1 and all(p.checksums is not None for p in layers):
         return COMMIT
     return COPY
+
+
+def commit_base(directory: Path, m: mf.Manifest, drop: Sequence[str]) -> Path:
+    """The one file a commit merge writes: the oldest dropped layer's (qemu commits into it)."""
+    return directory / m.point(drop[0]).file
+
+
+def linked_elsewhere(path: Path) -> bool:
+    """``path`` has other hard links (``rsync --link-dest``, ``cp -al``): writing it would write those too."""
+    return os.lstat(path).st_nlink > 1
+
+
+def pending_commit_is_shared(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> bool:
+    """A journaled commit merge whose base has other hard links by now, and that was not renamed yet."""
+    if pm.method != COMMIT or _renamed(directory, m, pm):
+        return False
+    base = commit_base(directory, m, pm.drop)
+    return base.exists() and linked_elsewhere(base)
+
+
+def _renamed(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> bool:
+    """The committed base was renamed over the child: the child's file names the new parent."""
+    first = m.point(pm.drop[0])
+    parent_file = m.point(first.parent).file if first.parent else None
+    return read_header(directory / m.point(pm.child).file).backing_file == parent_file
 
 
 def _sums_paths(directory: Path, layers: Sequence[mf.Point]) -> list[Path]:
@@ -447,10 +478,8 @@ def commit_in_place(
     the commit runs (again) from the start.
     """
     child = m.point(pm.child)
-    first = m.point(pm.drop[0])
-    parent_file = m.point(first.parent).file if first.parent else None
     child_path = directory / child.file
-    if read_header(child_path).backing_file == parent_file:
+    if _renamed(directory, m, pm):
         return
     files = checked_chain(directory, m, child.id)
     base = len(files) - len(pm.drop) - 1

@@ -43,6 +43,7 @@ from .retention import Decision, Policy, Stamp, decide
 from .target import iter_chains, open_target
 
 logger = logging.getLogger(__name__)
+RECOVER_PARALLEL = 4  # connections of a merge finished by copy during recovery (PruneOptions' default)
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,37 @@ def recover(directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None =
     if pm is None:
         return m
     logger.warning("%s: finishing the interrupted merge of %s into %s", m.image, ", ".join(pm.drop), pm.child)
-    if pm.method == merge.COMMIT and daemon is None:
+    shared = merge.pending_commit_is_shared(directory, m, pm)
+    if (pm.method == merge.COMMIT or shared) and daemon is None:
         with qemu.storage_daemon() as own:
-            return _finish(directory, m, pm, own, progress=False, resumed=True)
+            return _resume(directory, m, pm, own, shared=shared)
+    return _resume(directory, m, pm, daemon, shared=shared)
+
+
+def _resume(
+    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon | None, *, shared: bool
+) -> mf.Manifest:
+    if shared:
+        assert daemon is not None
+        m, pm = _commit_as_copy(directory, m, pm, daemon)
     return _finish(directory, m, pm, daemon, progress=False, resumed=True)
+
+
+def _commit_as_copy(
+    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon
+) -> tuple[mf.Manifest, mf.PendingMerge]:
+    """A pending commit whose base got other hard links: journaled again as a copy merge of the same points.
+
+    The base is not written (nor cut back): the child's view, which the copy
+    reads, never depended on what the commit did to it.  Killed before the
+    new journal is written, the next run comes here again.
+    """
+    base = merge.commit_base(directory, m, pm.drop)
+    logger.warning("%s: %s has other hard links; the merge copies instead of writing it", m.image, base.name)
+    copy = merge.build(directory, m, pm.drop, pm.child, daemon, parallel=RECOVER_PARALLEL, progress=False)
+    journaled = dataclasses.replace(m, pending=copy)
+    mf.save(directory, journaled)
+    return journaled, copy
 
 
 def _finish(
@@ -251,7 +279,8 @@ def _delete(directory: Path, m: mf.Manifest, action: Delete) -> mf.Manifest:
 def _merge(
     directory: Path, m: mf.Manifest, action: Merge, daemon: qemu.StorageDaemon, opts: PruneOptions
 ) -> mf.Manifest:
-    if merge.method(m, action.drop, action.child) == merge.COMMIT:
+    shared = merge.linked_elsewhere(merge.commit_base(directory, m, action.drop))
+    if merge.method(m, action.drop, action.child, shared=shared) == merge.COMMIT:
         pending = merge.journal_commit(directory, m, action.drop, action.child)
     else:
         pending = merge.build(

@@ -248,3 +248,53 @@ def test_commit_merge_refused_while_the_chain_is_in_use(
     assert proc.returncode == 0, proc.stderr
     m = assert_points(target, ceph, image_name, expected, tmp_path)
     assert [p.id for p in m.points] == [*ids[1:], new.id]
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_hard_linked_layer_is_never_written_by_a_merge(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path
+) -> None:
+    """The full base also lives in a hard-linked rotation of the target: deleting it merges by copy."""
+    expected = build(ceph, target, image_name, tmp_path, cycles=3)
+    ids = sorted(expected)
+    directory = chain_dir(target, ImageSpec(ceph.pool, "", image_name))
+    rotation = tmp_path / "rotation"
+    rotation.mkdir()
+    linked = rotation / manifest(target, ceph, image_name).point(ids[0]).file
+    os.link(directory / linked.name, linked)
+    before = sha256(linked)
+    proc = run_cli("delete", "--target", str(target), f"{ceph.pool}/{image_name}@{ids[0]}")
+    assert proc.returncode == 0, proc.stderr
+    assert sha256(linked) == before and linked.stat().st_nlink == 1
+    m = assert_points(target, ceph, image_name, expected, tmp_path)
+    assert [p.id for p in m.points] == ids[1:] and m.points[0].kind == "full"
+
+
+def test_a_pending_commit_whose_base_got_linked_is_finished_by_copy(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path
+) -> None:
+    """Killed with a commit merge journaled; the base is hard-linked before the next run finishes it."""
+    expected = build(ceph, target, image_name, tmp_path, cycles=3)
+    ids = sorted(expected)
+    ref = f"{ceph.pool}/{image_name}@{ids[0]}"
+    proc = run_cli("delete", "--target", str(target), ref, env={"RBD2QCOW2_CRASH_AT": "prune-after-journal"})
+    assert proc.returncode == -9, proc.stderr
+    m = manifest(target, ceph, image_name)
+    assert m.pending is not None and m.pending.method == "commit"
+    directory = chain_dir(target, ImageSpec(ceph.pool, "", image_name))
+    rotation = tmp_path / "rotation"
+    rotation.mkdir()
+    linked = rotation / m.point(ids[0]).file
+    os.link(directory / linked.name, linked)
+    before = sha256(linked)
+    proc = run_cli("prune", "--target", str(target), "--keep-last", "100")  # finishes the merge first
+    assert proc.returncode == 0, proc.stderr
+    assert "hard links" in proc.stderr, proc.stderr
+    assert sha256(linked) == before
+    m = assert_points(target, ceph, image_name, expected, tmp_path)
+    assert [p.id for p in m.points] == ids[1:] and m.points[0].kind == "full"

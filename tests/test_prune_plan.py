@@ -493,6 +493,24 @@ def test_merge_method_commit_only_for_one_size_with_checksums() -> None:
     assert merge_method(_changed(m, B, checksums=None), (B,), C) == "copy"
 
 
+def test_merge_method_copy_when_the_file_a_commit_writes_has_other_links() -> None:
+    m = manifest([A, B, C, D])
+    assert merge_method(m, (B, C), D, shared=True) == "copy"
+
+
+def test_only_the_oldest_dropped_layer_is_written_by_a_commit(tmp_path: Path) -> None:
+    from rbd2qcow2.merge import commit_base, linked_elsewhere
+
+    m = manifest([A, B, C, D])
+    base = commit_base(tmp_path, m, (B, C))
+    assert base == tmp_path / m.point(B).file
+    base.write_bytes(b"x")
+    assert not linked_elsewhere(base)
+    (tmp_path / "rotation").mkdir()
+    (tmp_path / "rotation" / base.name).hardlink_to(base)
+    assert linked_elsewhere(base)
+
+
 # -- plan_read_back ------------------------------------------------------------------------------
 
 BS = 65536

