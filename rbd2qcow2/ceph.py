@@ -233,11 +233,13 @@ class Claim:
         self.label = label
         self._lease = lease
         self._lock = threading.Lock()
+        self.renewals = 0
 
     def renewed(self, at: float) -> None:
         with self._lock:
             if self._lease.failure is None:
                 self._lease.renewed = max(self._lease.renewed, at)
+                self.renewals += 1
 
     def failed(self, why: str) -> None:
         with self._lock:

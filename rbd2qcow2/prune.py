@@ -9,7 +9,8 @@ Per image, under the chain lock:
 3. per merge (:mod:`rbd2qcow2.merge`), method ``copy``: build and verify
    the new layer beside the old one, write the manifest with the merge
    pending, rename the new files over the child's; method ``commit`` (one
-   size throughout): write the merged checksums and the manifest with the
+   size throughout, and the oldest dropped layer's file has no other hard
+   link: the commit writes it): write the merged checksums and the manifest with the
    merge pending, let qemu commit the upper layers into the oldest dropped
    layer's file, check and verify it, rename it over the child's.  Then
    write the manifest without the dropped points and delete their files.

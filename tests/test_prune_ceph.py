@@ -294,7 +294,7 @@ def test_a_pending_commit_whose_base_got_linked_is_finished_by_copy(
     before = sha256(linked)
     proc = run_cli("prune", "--target", str(target), "--keep-last", "100")  # finishes the merge first
     assert proc.returncode == 0, proc.stderr
-    assert "hard links" in proc.stderr, proc.stderr
     assert sha256(linked) == before
+    assert "hard links" in proc.stderr, proc.stderr
     m = assert_points(target, ceph, image_name, expected, tmp_path)
     assert [p.id for p in m.points] == ids[1:] and m.points[0].kind == "full"
