@@ -319,8 +319,13 @@ class _Daemons:
     def current(self) -> qemu.StorageDaemon:
         """The daemon for the next image: a new one if the last one died and restarts are left."""
         assert self._daemon is not None
-        if self._daemon.alive or self.restarts >= DAEMON_RESTARTS:
+        if self._daemon.alive:
             return self._daemon
+        if self.restarts >= DAEMON_RESTARTS:
+            if self.restarts == DAEMON_RESTARTS:
+                self.restarts += 1  # said once
+                logger.error("qemu-storage-daemon died %d times; not started again in this job", self.restarts)
+            return self._daemon  # the image fails with the dead daemon's error
         self.restarts += 1
         logger.warning(
             "qemu-storage-daemon (pid %s) died; starting a new one (%d of at most %d in this job)",
@@ -330,7 +335,10 @@ class _Daemons:
         )
         self._stack.close()
         self._stack = ExitStack()
-        self._start()
+        try:
+            self._start()
+        except Error as exc:  # the image fails with the closed daemon's error, and is undone
+            logger.error("could not start a new qemu-storage-daemon: %s", exc)
         return self._daemon
 
 
