@@ -345,7 +345,7 @@ def refcount_entry(path: Path) -> int:
         (table,) = struct.unpack(">Q", fh.read(8))
         fh.seek(table)
         (block,) = struct.unpack(">Q", fh.read(8))
-    return block
+    return int(block)
 
 
 def test_a_structure_flag_says_why_and_clears(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
