@@ -503,7 +503,7 @@ class StorageDaemon:
             self._listener.bind(str(qmp_path))
             self._listener.listen(1)
         except OSError as exc:  # a socket path is at most 107 bytes: a long TMPDIR
-            raise QemuError(f"cannot listen on the QMP socket {qmp_path}: {exc.strerror or exc}") from exc
+            raise QemuUnavailable(f"cannot listen on the QMP socket {qmp_path}: {exc.strerror or exc}") from exc
         log = open(self._dir / "qsd.log", "wb")  # noqa: SIM115 - kept by the child
         with log:
             try:
