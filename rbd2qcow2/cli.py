@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sample", type=_fraction, default=1.0, metavar="FRACTION", help="part compared by --source")
     v.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     v.add_argument("--parallel", "-p", type=_positive, default=4, help="reader threads (default 4)")
+    v.add_argument("--wait", action="store_true", help="wait for chains locked by a backup or prune instead of failing")
     v.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_ceph(v)
     v.add_argument("specs", nargs="*", metavar="SPEC|POINT", help="pools, images, or POOL/IMAGE@POINT")
@@ -339,6 +340,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         progress=not args.no_progress,
         ceph=ceph,
+        wait=args.wait,
     )
     report = verify(args.specs, opts)
     if args.json:
@@ -347,13 +349,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "points_checked": report.points_checked,
             "bytes_read": report.bytes_read,
             "problems": [p.as_dict() for p in report.problems],
+            "not_verified": [f.as_dict() for f in report.failures],
+            "cleared": report.cleared,
         }
         print(json.dumps(out, indent=1))
     else:
         for problem in report.problems:
             print(f"DAMAGED {problem}")
-        print(f"{report.points_checked} points checked, {len(report.problems)} problems")
-    return 0 if report.ok else os.EX_DATAERR
+        for failure in report.failures:
+            print(f"NOT VERIFIED {failure.image}: {failure.error}")
+        for ref in report.cleared:
+            print(f"CLEARED {ref}: sound again")
+        summary = f"{report.points_checked} points checked, {len(report.problems)} problems"
+        print(summary + (f", {len(report.failures)} chains not verified" if report.failures else ""))
+    return report.exit_code
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

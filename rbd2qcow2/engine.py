@@ -381,9 +381,9 @@ class ImageBackup:
             # The last word before the commit: a signal, or a run's claim that lapsed, undoes the point.
             self.opts.interrupt()
             mf.save(self.dir, started.manifest.with_point(point, started.image_id))
-        except DiffMismatch:
+        except DiffMismatch as exc:
             started.abandon()
-            self._flag_latest("no-incremental")
+            self._flag_latest("no-incremental", str(exc))
             raise
         except BaseException:
             started.abandon()
@@ -411,11 +411,12 @@ class ImageBackup:
                 with contextlib.suppress(NotFound):  # removed meanwhile, by a run on another host
                     img.remove_snapshot(snap.name)
 
-    def _flag_latest(self, flag: str) -> None:
+    def _flag_latest(self, flag: str, reason: str) -> None:
         """Mark the latest point so that the next backup does not build on it."""
         m = mf.load(self.dir)
         if m is not None and m.latest is not None and flag not in m.latest.flags:
-            flagged = dataclasses.replace(m.latest, flags=(*m.latest.flags, flag))
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            flagged = m.latest.flagged(mf.Flag(flag, "backup", reason, now))
             mf.save(self.dir, dataclasses.replace(m, points=(*m.points[:-1], flagged)))
 
     def _abandon(self, img: RbdImage, point_id: str, snap_name: str) -> None:

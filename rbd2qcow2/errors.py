@@ -15,6 +15,8 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- CephUnavailable cluster unreachable or refused us (69)
                +-- CephError       a Ceph call failed (74)
                +-- QemuError       qemu-img or qemu-storage-daemon failed (74)
+               |    +-- QemuUnavailable  qemu cannot run or start at all (69)
+               |    +-- LayerCorrupt     qemu-img check finds a layer corrupt
                +-- NbdError        an NBD request failed (74)
                +-- StorageError    the target's file system failed (disk full...) (74)
                +-- TargetError     the target directory cannot be used (73)
@@ -93,6 +95,16 @@ class QemuError(Error):
     """qemu: {}"""
 
     exit_code = os.EX_IOERR
+
+
+class QemuUnavailable(QemuError):
+    """qemu: {}"""
+
+    exit_code = os.EX_UNAVAILABLE
+
+
+class LayerCorrupt(QemuError):
+    """{}"""
 
 
 class NbdError(Error):

@@ -53,6 +53,11 @@ def row_dict(row: PointRow) -> dict[str, Any]:
         "image_id": p.image_id,
         "file": p.file,
         "flags": list(p.flags),
+        "flag_reasons": [
+            {"flag": f.name, "check": f.check, "reason": f.reason, "time": f.time}
+            for name in p.flags
+            for f in p.reasons(name)
+        ],
     }
 
 
@@ -81,4 +86,16 @@ def format_table(rows: list[PointRow]) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip() for line in lines)
+    table = ["  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip() for line in lines]
+    return "\n".join(table + _flag_notes(rows))
+
+
+def _flag_notes(rows: list[PointRow]) -> list[str]:
+    """Below the table: why each flagged point carries its flags."""
+    notes = [
+        f"{r.ref} {f.name}: " + (f"{f.check} check, {f.time}: " if f.check else "") + f.reason
+        for r in rows
+        for name in r.point.flags
+        for f in r.point.reasons(name)
+    ]
+    return ["", *notes] if notes else []

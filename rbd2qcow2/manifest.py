@@ -40,6 +40,24 @@ class Checksums:
     sha256: str  # of the checksum file itself
 
 
+DAMAGED = "damaged"  # a check found the point's content or structure wrong: no backup builds on it
+UNKNOWN_REASON = "unknown (recorded by an older version)"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Why a point carries a flag: which check set it (``structure``, ``deep``, ``source``...), what it found, when.
+
+    A flag stays as long as one of its reasons does; a later run of the
+    same check that finds the point sound removes that check's reason.
+    """
+
+    name: str
+    check: str  # "": unknown (a flag recorded without its reason)
+    reason: str
+    time: str  # ISO 8601, UTC; "" when unknown
+
+
 @dataclass(frozen=True)
 class Point:
     id: str
@@ -55,10 +73,31 @@ class Point:
     zero_bytes: int  # bytes written as zeros into this layer
     checksums: Checksums | None = None
     flags: tuple[str, ...] = ()
+    flag_reasons: tuple[Flag, ...] = ()
 
     @property
     def is_full(self) -> bool:
         return self.parent is None
+
+    def reasons(self, name: str) -> list[Flag]:
+        """Why the point carries flag ``name``: none if it does not."""
+        if name not in self.flags:
+            return []
+        return [f for f in self.flag_reasons if f.name == name] or [Flag(name, "", UNKNOWN_REASON, "")]
+
+    def flagged(self, flag: Flag) -> Point:
+        """The point with ``flag`` set; it replaces an earlier reason of the same check (pure)."""
+        others = tuple(f for f in self.flag_reasons if (f.name, f.check) != (flag.name, flag.check))
+        names = self.flags if flag.name in self.flags else (*self.flags, flag.name)
+        return dataclasses.replace(self, flags=names, flag_reasons=(*others, flag))
+
+    def cleared(self, name: str, checks: set[str]) -> Point:
+        """The point without the reasons for ``name`` that ``checks`` set; the flag goes with its last reason (pure)."""
+        if any(f.check not in checks for f in self.reasons(name)):  # another check's reason stays
+            kept = tuple(f for f in self.flag_reasons if f.name != name or f.check not in checks)
+            return dataclasses.replace(self, flag_reasons=kept)
+        others = tuple(f for f in self.flag_reasons if f.name != name)
+        return dataclasses.replace(self, flags=tuple(f for f in self.flags if f != name), flag_reasons=others)
 
 
 @dataclass(frozen=True)
@@ -190,6 +229,9 @@ def _point(raw: dict[str, Any]) -> Point:
         zero_bytes=int(raw["zero_bytes"]),
         checksums=None if sums is None else Checksums(**sums),
         flags=tuple(str(f) for f in raw.get("flags", ())),
+        flag_reasons=tuple(
+            Flag(str(f["name"]), str(f["check"]), str(f["reason"]), str(f["time"])) for f in raw.get("flag_reasons", ())
+        ),
     )
 
 

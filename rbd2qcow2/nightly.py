@@ -502,6 +502,7 @@ def _verify(cfg: RunConfig, w: _Work, directory: Path, daemon: qemu.StorageDaemo
         parallel=cfg.parallel,
         structure=cfg.verify.structure,
         check_layers=False,  # the backup (and a prune) checked the layers they wrote; older ones when written
+        wait=True,  # like the backup and the prune before it: a manual verify or prune holding the chain is waited for
     )
     result = Report()
     m = mf.load(directory)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import InUse, QemuError
+from .errors import InUse, LayerCorrupt, QemuError, QemuUnavailable
 from .faults import crashpoint
+from .qcow2 import create_layer
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -45,7 +46,7 @@ def _run(args: Sequence[str], *, what: str) -> str:
     try:
         proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
     except OSError as exc:
-        raise QemuError(f"cannot run {args[0]}: {exc.strerror}") from exc
+        raise QemuUnavailable(f"cannot run {args[0]}: {exc.strerror}") from exc
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip()
         raise QemuError(f"{what} failed (exit {proc.returncode}): {msg} [{' '.join(args)}]")
@@ -184,24 +185,44 @@ def json_filename(opts: dict[str, Any]) -> str:
 
 
 def check_layer(path: Path) -> dict[str, Any]:
-    """``qemu-img check`` of one layer alone (its backing file is not opened)."""
+    """``qemu-img check`` of one layer alone (its backing file is not opened); returns qemu's report.
+
+    Raises :class:`LayerCorrupt` when qemu finds corruptions, or cannot open
+    the layer while it opens a sound one, and :class:`QemuUnavailable` when
+    qemu-img cannot run or complete the check: that says nothing of the layer.
+    """
+    proc = _check(path)
+    if proc.returncode in (0, 2, 3):  # 3: leaked clusters only, harmless
+        try:
+            report: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError:
+            raise QemuUnavailable(f"qemu-img check {path} printed no report: {proc.stderr.strip()}") from None
+        if proc.returncode == 2:
+            raise LayerCorrupt(f"qemu-img check: {report.get('corruptions', 'some')} corruptions")
+        return report
+    # 1: not completed (qemu cannot open the layer, or an internal error); 63: no checks for the format
+    if proc.returncode == 1 and _checks_a_sound_layer():
+        raise LayerCorrupt(f"qemu-img check cannot open it: {proc.stderr.strip()}")
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    raise QemuUnavailable(f"qemu-img check {path} did not complete ({how}): {proc.stderr.strip()}")
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
     opts = {"driver": "qcow2", "file": file_node(path), "backing": None}
     try:
-        proc = subprocess.run(
-            ["qemu-img", "check", "--output=json", json_filename(opts)],
-            capture_output=True,
-            text=True,
-            check=False,
+        return subprocess.run(
+            ["qemu-img", "check", "--output=json", json_filename(opts)], capture_output=True, text=True, check=False
         )
     except OSError as exc:
-        raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
-    try:
-        report: dict[str, Any] = json.loads(proc.stdout)
-    except ValueError:
-        raise QemuError(f"qemu-img check {path} failed: {proc.stderr.strip()}") from None
-    if proc.returncode not in (0, 3):  # 3: leaked clusters only, harmless
-        raise QemuError(f"qemu-img check {path} found errors: {proc.stdout.strip()} {proc.stderr.strip()}")
-    return report
+        raise QemuUnavailable(f"cannot run qemu-img: {exc.strerror}") from exc
+
+
+def _checks_a_sound_layer() -> bool:
+    """Whether qemu-img checks a new empty layer: then a layer it cannot open is damaged, and qemu is fine."""
+    with tempfile.TemporaryDirectory(prefix="rbd2qcow2-check-") as tmp:
+        control = Path(tmp) / "control.qcow2"
+        create_layer(control, 1 << 20, None)  # written by us: no qemu needed to make it
+        return _check(control).returncode == 0
 
 
 def info(path: Path) -> dict[str, Any]:
@@ -275,7 +296,7 @@ def _run_map(opts: dict[str, Any], pass_fds: Sequence[int], *, own: bool = False
     try:
         proc = subprocess.run(args, capture_output=True, text=True, check=False, pass_fds=tuple(pass_fds))
     except OSError as exc:
-        raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
+        raise QemuUnavailable(f"cannot run qemu-img: {exc.strerror}") from exc
     if proc.returncode != 0:
         raise QemuError(f"qemu-img map failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return _host_extents(proc.stdout, own=own)
@@ -338,7 +359,7 @@ class HostMap:
         except OSError as exc:
             self._out.close()
             self._err.close()
-            raise QemuError(f"cannot run qemu-img: {exc.strerror}") from exc
+            raise QemuUnavailable(f"cannot run qemu-img: {exc.strerror}") from exc
 
     def read(self, *, wait: bool = False) -> list[HostExtent] | None:
         """The extents printed since the last call (maybe none); ``None`` once all have been read.
@@ -371,6 +392,8 @@ class HostMap:
         if self._proc.wait() != 0:
             self._err.seek(0)
             msg = self._err.read().decode(errors="replace").strip()
+            if self._proc.returncode < 0:  # killed: says nothing of the chain
+                raise QemuUnavailable(f"qemu-img map killed by signal {-self._proc.returncode}: {msg}")
             raise QemuError(f"qemu-img map failed (exit {self._proc.returncode}): {msg}")
         if self._rest.strip() != b"]":
             raise QemuError(f"qemu-img map printed an unexpected map: ends with {self._rest[-100:]!r}")
@@ -480,7 +503,7 @@ class StorageDaemon:
             self._listener.bind(str(qmp_path))
             self._listener.listen(1)
         except OSError as exc:  # a socket path is at most 107 bytes: a long TMPDIR
-            raise QemuError(f"cannot listen on the QMP socket {qmp_path}: {exc.strerror or exc}") from exc
+            raise QemuUnavailable(f"cannot listen on the QMP socket {qmp_path}: {exc.strerror or exc}") from exc
         log = open(self._dir / "qsd.log", "wb")  # noqa: SIM115 - kept by the child
         with log:
             try:
@@ -500,7 +523,7 @@ class StorageDaemon:
                     preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
-                raise QemuError(f"cannot start qemu-storage-daemon: {exc.strerror}") from exc
+                raise QemuUnavailable(f"cannot start qemu-storage-daemon: {exc.strerror}") from exc
 
     def _connect(self) -> QEMUMonitorProtocol:
         """Accept the daemon's QMP connection and start its NBD server, on first use.
@@ -511,7 +534,7 @@ class StorageDaemon:
         if self._qmp is not None and self._ready:
             return self._qmp
         if self._failed is not None:
-            raise QemuError(self._failed)
+            raise QemuUnavailable(self._failed)
         if self._listener is None:
             raise QemuError("storage daemon not running")
         from qemu.qmp import QMPError
@@ -523,10 +546,10 @@ class StorageDaemon:
             self._qmp.connect()
         except QemuError as exc:
             self._failed = str(exc)
-            raise
+            raise QemuUnavailable(self._failed) from exc
         except (QMPError, OSError, TimeoutError) as exc:
             self._failed = f"qemu-storage-daemon did not connect to QMP: {exc!r} {self._log_tail()}"
-            raise QemuError(self._failed) from exc
+            raise QemuUnavailable(self._failed) from exc
         finally:
             self._listener.close()
             self._listener = None
@@ -544,7 +567,7 @@ class StorageDaemon:
                 conn, _ = self._listener.accept()
             except TimeoutError:
                 if self._proc.poll() is not None:
-                    raise QemuError(
+                    raise QemuUnavailable(
                         f"qemu-storage-daemon exited with status {self._proc.returncode}: {self._log_tail()}"
                     ) from None
                 if time.monotonic() > deadline:

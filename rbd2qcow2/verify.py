@@ -1,8 +1,16 @@
 """``verify``: structure, content (``--deep``) and source (``--source``) checks.
 
-Verify never changes a chain file.  A point whose content or source check
-fails is flagged ``damaged`` in the manifest (rewritten atomically under the
-chain lock, when the lock is free), so that no backup builds on it.
+Verify holds the chain lock while it checks a chain, so that no backup or
+prune changes it meanwhile, and first finishes a merge that an interrupted
+prune left pending (as a prune would); it changes no other chain file.
+
+Only damage flags a point: a layer whose header, checksum file or
+``qemu-img check`` is wrong, or content that differs from the recorded
+checksums or from the RBD snapshot.  The flag (``damaged``) records which
+check set it, what it found and when, and no backup builds on the point;
+a later run of the same check that finds the point sound clears it.  A tool
+that cannot run, a chain locked by another run or a Ceph failure flags
+nothing: the chain is reported with that error's exit code.
 
 Expected content comes from the block checksums recorded while writing: a
 point's expected digest of block ``i`` is the record of the newest layer of
@@ -22,6 +30,7 @@ import random
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +41,11 @@ from .background import Later, in_parallel
 from .chain import orphan_files
 from .checksums import BLOCK_SIZE, file_sha256, read_records
 from .deepcheck import Checker, MappedChain, NullSink, check_point
-from .errors import Error, Locked
+from .errors import Error, LayerCorrupt, Locked, NotFound, QemuUnavailable, combined_exit_code
 from .extents import Chunk, Kind, sample_ranges
 from .fsutil import chain_lock
 from .progress import Progress
+from .prune import recover
 from .qcow2 import check_header, read_header
 from .refs import parse_ref, select
 from .target import iter_chains, open_target
@@ -45,6 +55,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SOURCE_REGION = 1 << 20
+# The kinds of check; a flag's reason names the one that set it, and only that kind clears it.
+STRUCTURE, DEEP, SOURCE = "structure", "deep", "source"
 
 
 @dataclass(frozen=True)
@@ -58,11 +70,13 @@ class Problem:
     region: tuple[int, int] | None = None
 
     def __str__(self) -> str:
-        where = self.image + (f"@{self.point}" if self.point else "")
-        extra = (f" in {self.file}" if self.file else "") + (
-            f" at bytes {self.region[0]}-{self.region[1]}" if self.region else ""
-        )
-        return f"{where}: {self.what}{extra}"
+        return self.image + (f"@{self.point}" if self.point else "") + f": {self.detail}"
+
+    @property
+    def detail(self) -> str:
+        """What, in which file and where, without the image."""
+        where = f" at bytes {self.region[0]}-{self.region[1]}" if self.region else ""
+        return self.what + (f" in {self.file}" if self.file else "") + where
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,17 +96,37 @@ class VerifyOptions:
     parallel: int = 4
     progress: bool = False
     ceph: CephOptions | None = None
+    wait: bool = False  # for a chain locked by another run, instead of failing
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A chain that could not be checked (a tool, the lock, Ceph): nothing flagged."""
+
+    image: str
+    error: str
+    exit_code: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class Report:
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    failures: list[Failure] = dataclasses.field(default_factory=list)
+    cleared: list[str] = dataclasses.field(default_factory=list)  # points whose damaged flag was cleared
     points_checked: int = 0
     bytes_read: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        """65 if anything is damaged, else the most serious failure's code, else 0."""
+        return combined_exit_code([os.EX_DATAERR if self.problems else 0, *(f.exit_code for f in self.failures)])
 
 
 # -- selection ----------------------------------------------------------------------
@@ -126,8 +160,12 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
                 if selectors and not any(s.matches(item.image) for s in selectors):
                     continue
                 refs = point_args.get(item.image)
-                ids = [select(item, parse_ref(r)).id for r in refs] if refs else [p.id for p in item.points]
-                ChainVerifier(directory, item, daemon, opts, report, cluster).run(ids)
+                ids = [select(item, parse_ref(r)).id for r in refs] if refs else None
+                try:
+                    ChainVerifier(directory, item, daemon, opts, report, cluster).run(ids)
+                except Error as exc:  # not damage: the chain stays as it was
+                    logger.error("%s: not verified: %s", item.image, exc)
+                    report.failures.append(Failure(str(item.image), str(exc), exc.exit_code))
     finally:
         if cluster is not None:
             cluster.close()
@@ -182,16 +220,25 @@ class ChainVerifier:
             logger.error("%s", p)
         self.report.problems += problems
 
-    def run(self, point_ids: list[str]) -> None:
-        try:
-            self._run(point_ids)
-        finally:
-            for ahead in self._ahead.values():
-                ahead.close()
-            self._ahead.clear()
+    def run(self, point_ids: list[str] | None = None) -> None:
+        """Check the points (default: all) under the chain lock; flag the damaged ones, clear the sound ones."""
+        with chain_lock(self.dir, wait=self.opts.wait, what=self.image):
+            m = mf.load(self.dir)  # as it is now that no backup or prune can change it
+            if m is None:
+                return
+            self.m = recover(self.dir, m, self.daemon)  # a merge left pending reads wrong until finished
+            known = {p.id for p in self.m.points}
+            for pid in [p for p in point_ids or () if p not in known]:
+                logger.info("%s@%s: merged away by the interrupted prune just finished", self.image, pid)
+            try:
+                self._run([p.id for p in self.m.points] if point_ids is None else [p for p in point_ids if p in known])
+            finally:
+                for ahead in self._ahead.values():
+                    ahead.close()
+                self._ahead.clear()
 
     def _run(self, point_ids: list[str]) -> None:
-        """Structure, then each point's content and source.
+        """Structure, then each point's content and source; then the flags.
 
         qemu-img check of the layers runs in the background; meanwhile the
         first point whose files are safe to open (headers and checksum files
@@ -200,7 +247,7 @@ class ChainVerifier:
         as a broken chain's content is not checked).
         """
         held: dict[str, list[Problem]] = {}
-        broken: set[str] = set()
+        broken: dict[str, str] = {}
         if self.opts.structure:
             files = self._files()
             unsafe = {pid for pid, found in files.items() if any(found)}
@@ -210,20 +257,27 @@ class ChainVerifier:
                 if first is not None:
                     held[first] = self.deep(first, on_mapped=checks.start)
             broken = self._structure(files, checks.result())
-        damaged: set[str] = set()
+        found: dict[str, dict[str, str]] = {}  # point -> check -> what it found
+        sound: dict[str, set[str]] = {}  # point -> the checks that found it sound
         for i, pid in enumerate(point_ids):
             self.report.points_checked += 1
-            if broken & {p.id for p in self.m.chain_of(pid)}:
-                damaged.add(pid)
+            if bad := [f"{layer}: {broken[layer]}" for layer in self._layers(pid) if layer in broken]:
+                found[pid] = {STRUCTURE: _summary(bad)}
                 continue  # its files are unsafe to open; already reported
-            before = len(self.report.problems)
+            results: dict[str, list[Problem] | None] = {}
+            if self.opts.structure and self.opts.check_layers:
+                results[STRUCTURE] = []
             if self.opts.deep:
-                self._emit(held.pop(pid) if pid in held else self._deep_next(point_ids[i:], broken))
+                results[DEEP] = held.pop(pid) if pid in held else self._deep_next(point_ids[i:], set(broken))
+                self._emit(results[DEEP] or [])
             if self.opts.source:
-                self.source(pid)
-            if len(self.report.problems) > before:
-                damaged.add(pid)
-        self._flag(damaged)
+                results[SOURCE] = self.source(pid)
+            found[pid] = {k: _summary([p.detail for p in v]) for k, v in results.items() if v}
+            sound[pid] = {k for k, v in results.items() if v is not None and not v}
+        self._settle(found, sound)
+
+    def _layers(self, pid: str) -> list[str]:
+        return [p.id for p in self.m.chain_of(pid)]
 
     def _deep_next(self, point_ids: Sequence[str], broken: set[str]) -> list[Problem]:
         """Deep-check the first of ``point_ids`` while qemu maps the next one to check."""
@@ -235,16 +289,8 @@ class ChainVerifier:
     # -- structure --
     def _files(self) -> dict[str, tuple[str | None, str | None]]:
         """Reports what is wrong with the directory; returns each point's header and checksum file problem."""
-        if self.m.pending is not None:
-            self.problem("an interrupted prune is pending (the next prune or backup finishes it)")
         self._modes()
-        try:
-            with chain_lock(self.dir, wait=False, what=self.image):
-                orphans = orphan_files(self.dir, self.m)
-        except Locked:
-            logger.info("%s: a backup or prune is running; its files are not checked as orphans", self.image)
-            orphans = []
-        for name in orphans:
+        for name in orphan_files(self.dir, self.m):
             self.problem("file not named by the manifest", file=name)
         return {p.id: (self._header_problem(p), self._sums_problem(p)) for p in self.m.points}
 
@@ -255,7 +301,7 @@ class ChainVerifier:
         def check(p: mf.Point) -> Error | None:
             try:
                 qemu.check_layer(self.dir / p.file)
-            except Error as exc:
+            except LayerCorrupt as exc:  # any other error is qemu's, not the layer's: it ends the check
                 return exc
             return None
 
@@ -265,26 +311,33 @@ class ChainVerifier:
 
         return Later(check_all, "checks")
 
-    def _structure(self, files: dict[str, tuple[str | None, str | None]], checks: dict[str, Error | None]) -> set[str]:
-        """Reports the points' file problems, in order; returns the points with one."""
-        broken: set[str] = set()
+    def _structure(
+        self, files: dict[str, tuple[str | None, str | None]], checks: dict[str, Error | None]
+    ) -> dict[str, str]:
+        """Reports the points' file problems, in order; returns the points with one, and what it is."""
+        broken: dict[str, str] = {}
         for p in self.m.points:
             header, sums = files[p.id]
             if (what := header or _message(checks.get(p.id))) is not None:
-                self.problem(what, point=p.id, file=p.file)
+                found = Problem(self.image, what, point=p.id, file=p.file)
             elif sums is not None:
                 assert p.checksums is not None
-                self.problem(sums, point=p.id, file=p.checksums.file)
+                found = Problem(self.image, sums, point=p.id, file=p.checksums.file)
             else:
                 continue
-            broken.add(p.id)
+            self._emit([found])
+            broken[p.id] = found.detail
         return broken
 
     def _modes(self) -> None:
         for path in [self.dir, *self.dir.iterdir()]:
-            mode = path.lstat().st_mode
+            try:
+                mode = path.lstat().st_mode
+                target = os.readlink(path) if stat.S_ISLNK(mode) else None
+            except FileNotFoundError:  # removed since the listing (a temporary file): nothing to check
+                continue
             if stat.S_ISLNK(mode):
-                if path.name != LATEST or os.readlink(path) != (self.m.latest.file if self.m.latest else None):
+                if path.name != LATEST or target != (self.m.latest.file if self.m.latest else None):
                     self.problem("unexpected symbolic link", file=path.name)
             elif stat.S_IMODE(mode) & 0o077:
                 self.problem(f"readable or writable by others (mode {stat.S_IMODE(mode):o})", file=path.name)
@@ -372,6 +425,8 @@ class ChainVerifier:
                     progress=bar.update,
                     on_mapped=on_mapped,
                 )
+        except (QemuUnavailable, Locked):  # qemu cannot run, or another run holds the files: no damage
+            raise
         except (OSError, Error) as exc:  # qemu cannot map or read the chain: damage, too
             return [Problem(self.image, f"cannot read the chain: {_message(exc)}", point=pid, file=point.file)]
         finally:
@@ -379,29 +434,31 @@ class ChainVerifier:
             on_mapped()
         return self._differ(point, checker.bad, "content")
 
-    def source(self, pid: str) -> None:
+    def source(self, pid: str) -> list[Problem] | None:
+        """The point's differences from its RBD snapshot (reported); ``None`` when not compared whole."""
         point = self.m.point(pid)
         assert self.cluster is not None
         try:
             with self.cluster.image(self.m.image, read_only=True) as img:
                 snap = img.snapshot(point.snapshot.name)
-        except Error as exc:
-            self.problem(f"cannot open the image for --source: {exc}", point=pid)
-            return
+        except NotFound:
+            snap = None
         if snap is None or snap.id != point.snapshot.id:
             logger.info("%s@%s: its RBD snapshot is gone; --source skipped", self.image, pid)
-            return
+            return None
         regions = sample_ranges([(0, point.size)], self.opts.sample, SOURCE_REGION, random.Random())
         chunks = [Chunk(s, e - s, Kind.READ) for start, end in regions for s, e in _split(start, end)]
         digests = self.expected(pid)
         cluster, spec = self.cluster, self.m.image
-        self._compare(
+        problems = self._compare(
             point,
             chunks,
             lambda: cluster.image(spec, snapshot=point.snapshot.name, read_only=True),
             digests,
             "snapshot",
         )
+        self._emit(problems)
+        return problems if problems or self.opts.sample >= 1.0 else None  # a sample cannot say all is sound
 
     def _compare(
         self,
@@ -410,7 +467,7 @@ class ChainVerifier:
         open_reader: Callable[[], contextlib.AbstractContextManager[Any]],
         digests: dict[int, bytes],
         what: str,
-    ) -> None:
+    ) -> list[Problem]:
         from .pipeline import Transfer  # here: a deep check rarely needs it, and it costs start-up time
 
         checker = Checker(digests, point.size)
@@ -427,7 +484,7 @@ class ChainVerifier:
                 progress=bar.update,
             ).run(chunks)
         self.report.bytes_read += stats.read_bytes
-        self._emit(self._differ(point, checker.bad, what))
+        return self._differ(point, checker.bad, what)
 
     def _differ(self, point: mf.Point, bad: set[int], what: str) -> list[Problem]:
         """A problem per run of differing blocks, naming the layers that recorded them."""
@@ -440,23 +497,22 @@ class ChainVerifier:
             problems.append(Problem(self.image, what_, point=point.id, file=", ".join(files), region=region))
         return problems
 
-    def _flag(self, damaged: set[str]) -> None:
-        if not damaged:
-            return
-        try:
-            with chain_lock(self.dir, wait=False, what=self.image):
-                m = mf.load(self.dir)
-                if m is None:
-                    return
-                points = tuple(
-                    dataclasses.replace(p, flags=(*p.flags, "damaged"))
-                    if p.id in damaged and "damaged" not in p.flags
-                    else p
-                    for p in m.points
-                )
-                mf.save(self.dir, dataclasses.replace(m, points=points))
-        except (Locked, Error) as exc:
-            logger.warning("%s: could not flag damaged points in the manifest: %s", self.image, exc)
+    def _settle(self, found: dict[str, dict[str, str]], sound: dict[str, set[str]]) -> None:
+        """Flag the points a check found damaged, with why; clear the reasons of the checks that found them sound."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        points = []
+        for p in self.m.points:
+            q = p.cleared(mf.DAMAGED, _clearing(sound.get(p.id, set())))
+            if mf.DAMAGED in p.flags and mf.DAMAGED not in q.flags:
+                logger.info("%s@%s: sound again; its damaged flag is cleared", self.image, p.id)
+                self.report.cleared.append(f"{self.image}@{p.id}")
+            for check, reason in found.get(p.id, {}).items():
+                if not any(f.check == check and f.reason == reason for f in q.reasons(mf.DAMAGED)):
+                    q = q.flagged(mf.Flag(mf.DAMAGED, check, reason, now))  # a reason found again keeps its time
+            points.append(q)
+        if tuple(points) != self.m.points:
+            self.m = dataclasses.replace(self.m, points=tuple(points))
+            mf.save(self.dir, self.m)
 
 
 @dataclass
@@ -475,6 +531,15 @@ def _message(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
     return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+
+
+def _summary(found: list[str]) -> str:
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+
+
+def _clearing(sound: set[str]) -> set[str]:
+    """The checks whose reasons ``sound`` clears: a reason of unknown origin goes once structure and content pass."""
+    return sound | {""} if {STRUCTURE, DEEP} <= sound else sound
 
 
 def _split(start: int, end: int, step: int = 4 << 20) -> Iterator[tuple[int, int]]:

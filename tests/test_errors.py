@@ -94,6 +94,8 @@ def test_args_are_kept() -> None:
         (CephUnavailable, 69),
         (CephError, 74),
         (QemuError, 74),
+        (errors.QemuUnavailable, 69),
+        (errors.LayerCorrupt, 74),
         (NbdError, 74),
         (TargetError, 73),
         (Locked, 75),
@@ -122,7 +124,7 @@ def test_exit_codes_are_sysexits() -> None:
 
 def test_every_error_class_has_a_severity() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Error)]
-    assert len(classes) == 16
+    assert len(classes) == 18
     for cls in classes:
         assert cls.exit_code in SEVERITY, cls
         assert cls.__doc__ and "{}" in cls.__doc__, cls

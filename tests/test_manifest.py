@@ -316,3 +316,41 @@ def test_load_damaged_file(tmp_path: Path) -> None:
     (tmp_path / mf.NAME).write_bytes(DATA.replace(b'"rbd"', b'"rbe"'))
     with pytest.raises(ChainDamaged, match=re.escape(str(tmp_path))):
         mf.load(tmp_path)
+
+
+# -- flags and why they were set ------------------------------------------------
+
+
+def test_a_flag_keeps_its_reasons_through_a_round_trip() -> None:
+    deep = mf.Flag(mf.DAMAGED, "deep", "content differs at bytes 0-65536 in x.qcow2", "2026-12-07T01:02:03+00:00")
+    point = make_point(P1).flagged(deep)
+    m = dataclasses.replace(sample(), points=(point,))
+    loaded = mf.loads(mf.dumps(m), "here")
+    assert loaded == m
+    assert loaded.points[0].flags == (mf.DAMAGED,) and loaded.points[0].reasons(mf.DAMAGED) == [deep]
+
+
+def test_a_flag_of_an_older_version_loads_with_an_unknown_reason() -> None:
+    body = json.loads(mf.dumps(sample()))
+    for p in body["points"]:
+        del p["flag_reasons"]  # as an older version wrote it
+    m = mf.loads(resign(body), "here")
+    assert m.point(P2).reasons(mf.DAMAGED) == [mf.Flag(mf.DAMAGED, "", mf.UNKNOWN_REASON, "")]
+    assert m.point(P1).reasons(mf.DAMAGED) == []
+
+
+def test_a_flag_goes_with_its_last_reason() -> None:
+    deep = mf.Flag(mf.DAMAGED, "deep", "content differs", "t1")
+    structure = mf.Flag(mf.DAMAGED, "structure", "qemu-img check: 2 corruptions", "t2")
+    point = make_point(P1, flags=("no-incremental",)).flagged(deep).flagged(structure)
+    assert point.flags == ("no-incremental", mf.DAMAGED)
+    again = point.flagged(dataclasses.replace(deep, reason="content differs elsewhere", time="t3"))
+    assert again.reasons(mf.DAMAGED) == [structure, mf.Flag(mf.DAMAGED, "deep", "content differs elsewhere", "t3")]
+    assert point.cleared(mf.DAMAGED, {"source"}) == point
+    partly = point.cleared(mf.DAMAGED, {"deep"})
+    assert partly.flags == point.flags and partly.reasons(mf.DAMAGED) == [structure]
+    gone = partly.cleared(mf.DAMAGED, {"structure", "deep"})
+    assert gone.flags == ("no-incremental",) and gone.flag_reasons == ()
+    old = make_point(P1, flags=(mf.DAMAGED,))
+    assert old.cleared(mf.DAMAGED, {"structure", "deep"}) == old  # who set it is unknown
+    assert old.cleared(mf.DAMAGED, {"structure", "deep", ""}).flags == ()

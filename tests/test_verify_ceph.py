@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import Ceph, MiB, Workload, assert_same_content, run_cli
+from helpers import REPO, Ceph, MiB, Workload, assert_same_content, run_cli
 
 from rbd2qcow2 import manifest as mf
 from rbd2qcow2.names import ImageSpec
@@ -164,3 +169,142 @@ def test_the_oracle_notices_corruption(tmp_path: Path) -> None:
     bad.write_bytes(b"\0" * 50_000 + b"\1" + b"\0" * 49_999)
     with pytest.raises(AssertionError, match="at byte 50000"):
         assert_same_content(bad, good)
+
+
+# -- only damage flags a point; a flag says why and clears -----------------------------------
+
+
+def manifest_bytes(directory: Path) -> bytes:
+    return (directory / mf.NAME).read_bytes()
+
+
+def path_without_qemu_img(tmp_path: Path, how: str) -> str:
+    """A PATH where qemu-img is missing, or a script that fails as a broken install does."""
+    bin_dir = tmp_path / f"bin-{how}"
+    bin_dir.mkdir()
+    if how == "failing":
+        script = bin_dir / "qemu-img"
+        script.write_text("#!/bin/sh\necho 'qemu-img: error while loading shared libraries' >&2\nexit 1\n")
+        script.chmod(0o755)
+        return f"{bin_dir}:{os.environ['PATH']}"
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("how", ["missing", "failing"])
+@pytest.mark.parametrize("deep", [False, True], ids=["structure", "deep"])
+def test_qemu_img_unavailable_flags_nothing(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path, how: str, deep: bool
+) -> None:
+    directory = build(ceph, target, image_name, cycles=2)
+    before = manifest_bytes(directory)
+    env = {"PATH": path_without_qemu_img(tmp_path, how)}
+    proc = run_cli("verify", "--target", str(target), "--json", *(["--deep"] if deep else []), env=env)
+    assert proc.returncode == 69, proc.stderr
+    assert "Traceback" not in proc.stderr and "qemu-img" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["ok"] and not report["problems"] and report["not_verified"], report
+    assert manifest_bytes(directory) == before
+    code, report = verify(target, "--deep")
+    assert code == 0, report
+
+
+def test_a_locked_chain_is_not_verified(ceph: Ceph, target: Path, image_name: str) -> None:
+    directory = build(ceph, target, image_name, cycles=2)
+    before = manifest_bytes(directory)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running backup or prune holds it
+        code, report = verify(target, "--deep")
+        assert code == 75, report
+        assert not report["problems"] and report["not_verified"][0]["exit_code"] == 75
+        assert manifest_bytes(directory) == before
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "rbd2qcow2", "verify", "--target", str(target), "--wait", "--deep"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=3)  # still waiting for the lock
+    finally:
+        os.close(fd)
+    _, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    assert manifest_bytes(directory) == before
+
+
+def wait_unlocked(layer: Path) -> None:
+    """Wait until no process holds qemu's lock on the chain of ``layer`` (a killed run's daemon exits on its own)."""
+    deadline = time.monotonic() + 20
+    while subprocess.run(["qemu-img", "info", "--backing-chain", str(layer)], capture_output=True).returncode:
+        assert time.monotonic() < deadline, "the chain is still locked"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["copy", "commit"])
+def test_verify_finishes_an_interrupted_merge(ceph: Ceph, target: Path, image_name: str, how: str) -> None:
+    directory = build(ceph, target, image_name, cycles=4)
+    m = mf.load(directory)
+    assert m is not None
+    ids = [p.id for p in m.points]
+    if how == "copy":  # the points differ in size: a new layer is built beside the child
+        args = ["prune", "--target", str(target), "--keep-last", "2"]
+        kept = ids[-2:]
+    else:  # after the grow, a point of its child's size: qemu commits the child into it, in place
+        args = ["delete", "--target", str(target), f"{ceph.pool}/{image_name}@{ids[2]}"]
+        kept = [*ids[:2], ids[3]]
+    proc = run_cli(*args, env={"RBD2QCOW2_CRASH_AT": "prune-after-journal"})
+    assert proc.returncode == -9, proc.stderr
+    pending = mf.load(directory)
+    assert pending is not None and pending.pending is not None and pending.pending.method == how
+    wait_unlocked(directory / pending.point(ids[-1]).file)
+    code, report = verify(target, "--deep")
+    assert code == 0, report
+    assert report["points_checked"] == len(kept)
+    done = mf.load(directory)
+    assert done is not None and done.pending is None
+    assert [p.id for p in done.points] == kept
+    assert all(not p.flags for p in done.points)
+    proc = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}", "-v")
+    assert proc.returncode == 0 and "incremental backup" in proc.stderr, proc.stderr
+
+
+def test_a_damage_flag_says_why_and_clears(ceph: Ceph, target: Path, image_name: str) -> None:
+    directory = build(ceph, target, image_name, cycles=4)
+    m = mf.load(directory)
+    assert m is not None
+    victim = m.points[-1]  # the base of the next backup
+    offset = data_offset(directory / victim.file)
+    flip(directory / victim.file, offset)
+    code, report = verify(target, "--deep")
+    assert code == 65, report
+    flagged = mf.load(directory)
+    assert flagged is not None
+    assert [p.id for p in flagged.points if p.flags] == [victim.id]
+    (why,) = flagged.latest.reasons(mf.DAMAGED) if flagged.latest else []
+    assert why.check == "deep" and victim.file in why.reason and "differs" in why.reason, why
+    assert re.search(r"at bytes \d+-\d+", why.reason) and why.time.startswith("20"), why
+    listing = json.loads(run_cli("list", "--target", str(target), "--json").stdout)
+    reasons = {row["id"]: row["flag_reasons"] for row in listing["points"]}
+    assert reasons[victim.id] == [{"flag": "damaged", "check": "deep", "reason": why.reason, "time": why.time}]
+    table = run_cli("list", "--target", str(target)).stdout
+    assert f"{victim.id} damaged: deep check, {why.time}: {why.reason}" in table, table
+    # A structure check does not clear what the deep check found.
+    code, report = verify(target)
+    assert code == 0, report
+    still = mf.load(directory)
+    assert still is not None and still.latest is not None and mf.DAMAGED in still.latest.flags
+    flip(directory / victim.file, offset)  # restored
+    proc = run_cli("verify", "--target", str(target), "--deep")
+    assert proc.returncode == 0, proc.stderr
+    assert "damaged flag is cleared" in proc.stderr and f"CLEARED {ceph.pool}/{image_name}@{victim.id}" in proc.stdout
+    cleared = mf.load(directory)
+    assert cleared is not None and all(not p.flags and not p.flag_reasons for p in cleared.points)
+    with ceph.image(image_name) as img:
+        Workload(seed=9).run(img, ops=4)
+    proc = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}", "-v")
+    assert proc.returncode == 0, proc.stderr
+    after = mf.load(directory)
+    assert after is not None and after.latest is not None
+    assert after.latest.kind == "incremental" and after.latest.parent == m.points[-1].id, proc.stderr

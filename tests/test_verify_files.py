@@ -8,10 +8,12 @@ the chain files are never changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,12 +263,20 @@ def manifest(files: list[Path]) -> mf.Manifest:
     return m
 
 
-def verify(files: list[Path], daemon: qemu.StorageDaemon, *, structure: bool = True, ids: list[str] = IDS) -> Report:
+def verify(
+    files: list[Path],
+    daemon: qemu.StorageDaemon,
+    *,
+    structure: bool = True,
+    ids: list[str] = IDS,
+    deep: bool = True,
+    check_layers: bool = True,
+) -> Report:
     directory = files[0].parent
     report = Report()
     m = mf.load(directory)
     assert m is not None
-    opts = VerifyOptions(target=directory.parent, deep=True, structure=structure)
+    opts = VerifyOptions(target=directory.parent, deep=deep, structure=structure, check_layers=check_layers)
     ChainVerifier(directory, m, daemon, opts, report, None).run(ids)
     return report
 
@@ -323,3 +333,80 @@ def test_the_daemon_starts_only_when_qemu_must_read(chain: list[Path]) -> None:
         assert report.ok and daemon.pid is None
         report = verify(chain, daemon)
         assert report.ok and daemon.pid is not None
+
+
+# -- flags: only damage, with its reason; cleared when found sound ----------------------------
+
+
+def refcount_entry(path: Path) -> int:
+    """File offset of the refcount of cluster 0 (the header's)."""
+    with open(path, "rb") as fh:
+        fh.seek(48)
+        (table,) = struct.unpack(">Q", fh.read(8))
+        fh.seek(table)
+        (block,) = struct.unpack(">Q", fh.read(8))
+    return int(block)
+
+
+def test_a_structure_flag_says_why_and_clears(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
+    manifest(chain)
+    entry = refcount_entry(chain[1])
+    good = chain[1].read_bytes()[entry : entry + 2]
+    with open(chain[1], "r+b") as fh:  # cluster 0 referenced but counted free: qemu-img check exit 2
+        fh.seek(entry)
+        fh.write(b"\0\0")
+    report = verify(chain, daemon)
+    assert {(p.point, p.file) for p in report.problems} == {(IDS[1], chain[1].name)}, report.problems
+    flagged = mf.load(chain[0].parent)
+    assert flagged is not None and not flagged.point(IDS[0]).flags
+    for pid in IDS[1:]:  # the layer's point and the one above it
+        (why,) = flagged.point(pid).reasons(mf.DAMAGED)
+        assert why.check == "structure" and "qemu-img check: 1 corruptions" in why.reason, why
+        assert chain[1].name in why.reason
+    with open(chain[1], "r+b") as fh:
+        fh.seek(entry)
+        fh.write(good)
+    report = verify(chain, daemon)
+    assert report.ok and report.cleared == [f"pool/img@{pid}" for pid in IDS[1:]], report
+    cleared = mf.load(chain[0].parent)
+    assert cleared is not None and all(not p.flags and not p.flag_reasons for p in cleared.points)
+
+
+def test_a_flag_of_an_older_version_clears_once_structure_and_content_pass(
+    chain: list[Path], daemon: qemu.StorageDaemon
+) -> None:
+    m = manifest(chain)
+    old = dataclasses.replace(m.points[2], flags=(mf.DAMAGED,))
+    mf.save(chain[0].parent, dataclasses.replace(m, points=(*m.points[:2], old)))
+    assert verify(chain, daemon, deep=False).ok
+    kept = mf.load(chain[0].parent)
+    assert kept is not None and kept.point(IDS[2]).flags == (mf.DAMAGED,)
+    report = verify(chain, daemon)
+    assert report.ok and report.cleared == [f"pool/img@{IDS[2]}"]
+
+
+CHURN = """
+import os, sys
+directory = sys.argv[1]
+while True:
+    names = [os.path.join(directory, f"churn-{i}") for i in range(64)]
+    for name in names:
+        os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
+    for name in names:
+        os.unlink(name)
+"""
+
+
+def test_files_that_vanish_during_the_check_are_skipped(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
+    """Another process creates and removes files in the chain directory while verify lists it."""
+    manifest(chain)
+    churn = subprocess.Popen([sys.executable, "-c", CHURN, str(chain[0].parent)])
+    try:
+        while not any(p.name.startswith("churn-") for p in chain[0].parent.iterdir()):
+            assert churn.poll() is None
+        for _ in range(300):
+            report = verify(chain, daemon, deep=False, check_layers=False)
+            assert report.ok, report.problems
+    finally:
+        churn.kill()
+        churn.wait()
