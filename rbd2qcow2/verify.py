@@ -32,13 +32,13 @@ from .background import Later, in_parallel
 from .chain import orphan_files
 from .checksums import BLOCK_SIZE, file_sha256, read_records
 from .deepcheck import Checker, MappedChain, NullSink, check_point
-from .errors import Error, Locked
+from .errors import Error, Locked, NotFound, StorageError
 from .extents import Chunk, Kind, sample_ranges
 from .fsutil import chain_lock
 from .progress import Progress
 from .qcow2 import check_header, read_header
 from .refs import parse_ref, select
-from .target import iter_chains, open_target
+from .target import chain_dir, iter_chains, open_target
 
 if TYPE_CHECKING:
     from .ceph import CephOptions, Cluster
@@ -115,11 +115,13 @@ def _wanted(args: Sequence[str]) -> tuple[list[names.Selector], dict[names.Image
 def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
     open_target(opts.target, create=False)
     selectors, point_args = _wanted(args)
+    chains = list(iter_chains(opts.target))
+    _all_found(opts.target, args, selectors, chains)
     report = Report()
     cluster = _cluster(opts) if opts.source else None
     try:
         with _DaemonOnDemand() as daemon:
-            for directory, item in iter_chains(opts.target):
+            for directory, item in chains:
                 if isinstance(item, Error):
                     report.problems.append(Problem(str(directory), f"manifest: {item}", file=mf.NAME))
                     continue
@@ -132,6 +134,24 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
         if cluster is not None:
             cluster.close()
     return report
+
+
+def _all_found(
+    target: Path,
+    args: Sequence[str],
+    selectors: Sequence[names.Selector],
+    chains: Sequence[tuple[Path, mf.Manifest | Error]],
+) -> None:
+    """Every image named (not a whole pool) has a chain, if a damaged one."""
+    for arg, sel in zip(args, selectors, strict=True):
+        if sel.name is None:
+            continue
+        spec = names.ImageSpec(sel.pool, sel.namespace or "", sel.name)
+        if not any(
+            directory == chain_dir(target, spec) if isinstance(item, Error) else sel.matches(item.image)
+            for directory, item in chains
+        ):
+            raise NotFound(f"no backups of {arg.split('@')[0]} in {target}")
 
 
 class _DaemonOnDemand(qemu.StorageDaemon):
@@ -243,6 +263,9 @@ class ChainVerifier:
                 orphans = orphan_files(self.dir, self.m)
         except Locked:
             logger.info("%s: a backup or prune is running; its files are not checked as orphans", self.image)
+            orphans = []
+        except StorageError as exc:  # no room for the lock file: verify reads, it need not write
+            logger.warning("%s: files not checked as orphans: %s", self.image, exc)
             orphans = []
         for name in orphans:
             self.problem("file not named by the manifest", file=name)

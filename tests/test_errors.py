@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -100,6 +101,7 @@ def test_args_are_kept() -> None:
         (errors.InUse, 75),
         (errors.Claimed, 75),
         (errors.StorageError, 74),
+        (errors.TargetFull, 74),
         (ConfigError, 78),
     ],
 )
@@ -122,10 +124,27 @@ def test_exit_codes_are_sysexits() -> None:
 
 def test_every_error_class_has_a_severity() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Error)]
-    assert len(classes) == 16
+    assert len(classes) == 17
     for cls in classes:
         assert cls.exit_code in SEVERITY, cls
         assert cls.__doc__ and "{}" in cls.__doc__, cls
+
+
+@pytest.mark.parametrize(
+    ("code", "cls", "text"),
+    [
+        (errno.ENOSPC, errors.TargetFull, "target file system full: /t/x: No space left on device"),
+        (errno.EDQUOT, errors.TargetFull, "target file system full: /t/x: Disk quota exceeded"),
+        (errno.EIO, errors.StorageError, "target I/O error: /t/x: Input/output error"),
+        (errno.EROFS, errors.StorageError, "target I/O error: /t/x: Read-only file system"),
+    ],
+)
+def test_storage_error_of_an_os_error(code: int, cls: type[Error], text: str) -> None:
+    err = errors.storage_error(OSError(code, os.strerror(code), "/t/x"))
+    assert type(err) is cls and err.exit_code == 74 and str(err) == text
+    # A write names no file: the caller does.
+    assert str(errors.storage_error(OSError(code, os.strerror(code)), "/t/x")) == text
+    assert code in errors.STORAGE_ERRNOS
 
 
 def test_chain_damaged_is_a_data_error() -> None:
@@ -135,7 +154,10 @@ def test_chain_damaged_is_a_data_error() -> None:
 # -- Cancelled -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize(
+    ("signum", "code", "name"),
+    [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP")],
+)
 def test_cancelled(signum: int, code: int, name: str) -> None:
     exc = Cancelled(signum)
     assert exc.signum == signum
