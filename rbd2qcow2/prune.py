@@ -37,7 +37,17 @@ from . import manifest as mf
 from . import merge, names, qemu
 from .activity import point_latest, record
 from .chain import remove_orphan_files
-from .errors import STORAGE_ERRNOS, Error, Locked, NotFound, StorageError, TargetFull, UsageError, storage_error
+from .errors import (
+    FULL_ERRNOS,
+    STORAGE_ERRNOS,
+    Error,
+    Locked,
+    NotFound,
+    StorageError,
+    TargetFull,
+    UsageError,
+    storage_error,
+)
 from .faults import crashpoint
 from .fsutil import chain_lock, fsync_dir, keep_reserve, release_reserve
 from .retention import Decision, Policy, Stamp, decide
@@ -348,6 +358,7 @@ def prune_chain(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> 
                 apply(directory, m, plan.actions, opts)
             return plan
     except Error as exc:
+        exc = _full(exc)
         logger.error("%s: %s", image, exc)
         return ImagePlan(image, {}, (), exc)
     except OSError as exc:  # the target's file system; the other chains go on
@@ -386,3 +397,15 @@ def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: i
         if exc.errno not in STORAGE_ERRNOS:
             raise
         raise storage_error(exc) from exc
+    except Error as exc:
+        full = _full(exc)
+        if full is exc:
+            raise
+        raise full from exc
+
+
+def _full(exc: Error) -> Error:
+    """A qemu or NBD error that says the file system is full, as such (qemu reports it as text)."""
+    if isinstance(exc, TargetFull) or not any(os.strerror(e) in str(exc) for e in FULL_ERRNOS):
+        return exc
+    return TargetFull(str(exc))

@@ -220,3 +220,14 @@ def test_severity_order() -> None:
     for i, worse in enumerate(SEVERITY):
         for better in SEVERITY[i + 1 :]:
             assert combined_exit_code([better, worse, 0]) == worse
+
+
+def test_a_qemu_error_of_a_full_disk_is_target_full() -> None:
+    from rbd2qcow2.errors import NbdError, QemuError
+    from rbd2qcow2.prune import _full
+
+    full = _full(NbdError("write of 65536 bytes at 0 failed: nbd_pwrite: No space left on device"))
+    assert isinstance(full, errors.TargetFull) and str(full).startswith("target file system full: NBD: write")
+    assert isinstance(_full(QemuError("commit: Disk quota exceeded")), errors.TargetFull)
+    other = QemuError("Could not open 'x': Permission denied")
+    assert _full(other) is other
