@@ -25,7 +25,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- ConfigError     configuration is wrong (78)
 
 ``Cancelled`` derives from ``BaseException`` so that no ``except Exception``
-can swallow a Ctrl-C or a SIGTERM.
+can swallow a Ctrl-C, a SIGTERM or a SIGHUP.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from .verify import ChainVerifier, Report, VerifyOptions
 logger = logging.getLogger(__name__)
 
 OK, FAILED, SKIPPED, DELETED = "ok", "failed", "skipped", "deleted"
-STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM
+STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM/SIGHUP
 POLL = 0.1
 # Images prepared (claimed, snapshot taken) ahead of the job threads, per job: with one per job, the
 # jobs of a 40-image run waited 1.2-3.8 s in all for their next image; with two, 0.5-0.8 s.
