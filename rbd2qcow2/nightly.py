@@ -33,7 +33,7 @@ from .activity import record
 from .ceph import CephOptions, Cluster, RbdImage
 from .config import SKIP_META, ClusterConfig, RunConfig
 from .engine import BackupOptions, ImageBackup, SnapshotJanitor, Started
-from .errors import Cancelled, Claimed, DataError, Error
+from .errors import Cancelled, Claimed, DataError, Error, storage_error
 from .names import ImageSpec
 from .prune import PruneOptions, prune_chain
 from .retention import Policy
@@ -397,7 +397,7 @@ def _finish(
 def _failed(cfg: RunConfig, w: _Work, report: ImageReport, exc: BaseException) -> None:
     """Record why an image failed; anything but an ordinary exception goes on up."""
     if isinstance(exc, OSError):  # the target's file system: disk full, I/O error
-        report.status, report.error, report.exit_code = FAILED, f"target I/O error: {exc}", 74
+        report.status, report.error, report.exit_code = FAILED, str(storage_error(exc)), 74
         logger.error("%s: %s", w.image, report.error)
     elif isinstance(exc, Error):
         report.status, report.error, report.exit_code = FAILED, str(exc), exc.exit_code
