@@ -339,6 +339,7 @@ def _lock(directory: Path, target: Path, *, wait: bool, what: str) -> ExitStack:
     except TargetFull:
         if not release_reserve(target):
             raise
+        stack.callback(keep_reserve, target)  # again once the chain is unlocked, where there is room
         stack.enter_context(chain_lock(directory, wait=wait, what=what))
     return stack
 

@@ -131,3 +131,4 @@ def test_a_full_target_without_lock_files(ceph: Ceph, mnt: Path, image_name: str
     proc = cli("delete", "--target", str(target), f"{ceph.pool}/{image_name}@{p2}")
     assert proc.returncode == 0, proc.stderr
     assert assert_clean(target, ceph, image_name, expected, tmp_path) == [p1]
+    assert (target / RESERVE).stat().st_blocks * 512 >= 8 * MiB  # made again from the room freed
