@@ -86,6 +86,14 @@ def test_a_full_target_is_verified_and_freed(ceph: Ceph, mnt: Path, image_name: 
     loopfs.fill(mnt)
     loopfs.assert_full(mnt)
 
+    # A backup has no room for its layer: refused, nothing left behind, in Ceph neither.
+    snapshots = ceph.snapshots(image_name)
+    proc = cli("backup", "--target", str(target), spec)
+    assert proc.returncode == 74, proc.stderr
+    assert "target file system full" in proc.stderr and proc.stdout == "", proc.stderr
+    assert ceph.snapshots(image_name) == snapshots
+    assert assert_clean(target, ceph, image_name, expected, tmp_path) == [p1, p2, p3, p4]
+
     for args in (["verify"], ["verify", "--deep"]):
         proc = cli(*args, "--target", str(target))
         assert proc.returncode == 0, proc.stderr
