@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 LOG = "activity.log"
 LATEST = "latest"
+logger = logging.getLogger(__name__)
 MAX_BYTES = 256 << 10
 KEEP = 3
 
@@ -36,14 +38,22 @@ def record(directory: Path, text: str) -> None:
 
 
 def point_latest(directory: Path, layer_file: str | None) -> None:
-    """Make ``latest`` a relative link to the newest point's file (atomically), or remove it."""
+    """Make ``latest`` a relative link to the newest point's file (atomically), or remove it.
+
+    A convenience for people: where the link cannot be made (a full disk),
+    it is removed rather than left pointing at an older or deleted point.
+    """
     link = directory / LATEST
-    if layer_file is None:
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        return
     tmp = directory / f".{LATEST}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(layer_file, tmp)
-    os.replace(tmp, link)
+    if layer_file is not None:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(layer_file, tmp)
+            os.replace(tmp, link)
+            return
+        except OSError as exc:
+            logger.warning("%s: link %s not made: %s", directory, LATEST, exc.strerror)
+    for stale in (tmp, link):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()

@@ -16,6 +16,7 @@ File format: magic ``R2QSUMS1``, u32 block size, u32 zero, u64 count, then
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import os
@@ -103,7 +104,9 @@ class OrderedWriter:
         return file_sha256(self.path)
 
     def abort(self) -> None:
-        self._fh.close()
+        """Close an unfinished file (its caller removes it): a write error of its buffer is moot now."""
+        with contextlib.suppress(OSError):
+            self._fh.close()
 
 
 def file_sha256(path: Path) -> str:

@@ -8,6 +8,7 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import Cancelled, Error, UsageError, combined_exit_code
+from .errors import STORAGE_ERRNOS, Cancelled, Error, UsageError, combined_exit_code, storage_error
 from .listing import format_table, list_points, row_dict
 from .names import parse_spec
 from .retention import parse_duration
@@ -431,10 +432,34 @@ def _limit_malloc_arenas() -> None:
         ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
 
 
+def _stdout_gone() -> bool:
+    """Whether the reader of standard output went away (``list | head``)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_stdout() -> int:
+    """What Python's documentation advises after EPIPE on stdout: the rest goes to /dev/null, so
+    the flush at exit raises no second error; the exit code of a process ended by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+# SIGHUP: the terminal or ssh session went away; stop and clean up as for SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _limit_malloc_arenas()
     handlers: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         handlers[sig] = signal.signal(sig, _raise_cancelled)
     try:
         try:
@@ -444,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
         _setup_logging(args.verbose or 0, bool(args.quiet))
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except Cancelled as exc:
         logger.error("%s: stopped; committed points are intact", exc)
@@ -451,6 +477,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Error as exc:
         logger.error("%s", exc)
         return exc.exit_code
+    except BrokenPipeError:
+        if not _stdout_gone():
+            logger.exception("internal error (a bug in rbd2qcow2; please report it)")
+            return os.EX_SOFTWARE
+        return _quiet_stdout()
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            logger.exception("internal error (a bug in rbd2qcow2; please report it)")
+            return os.EX_SOFTWARE
+        err = storage_error(exc)
+        logger.error("%s", err)
+        return err.exit_code
     except Exception:
         logger.exception("internal error (a bug in rbd2qcow2; please report it)")
         return os.EX_SOFTWARE

@@ -159,6 +159,7 @@ def parse(raw: dict[str, Any], path: Path) -> RunConfig:
     if not clusters_raw:
         raise top.fail("clusters", "at least one [[clusters]] entry is needed")
     clusters = tuple(_cluster(c, i, path) for i, c in enumerate(clusters_raw))
+    _one_cluster_per_pool(clusters, path)
     policy, max_depth = _retention(top.get("retention", dict), path)
     cfg = RunConfig(
         path=path,
@@ -191,6 +192,21 @@ def _cluster(raw: Any, index: int, path: Path) -> ClusterConfig:
     )
     t.done()
     return cluster
+
+
+def _one_cluster_per_pool(clusters: tuple[ClusterConfig, ...], path: Path) -> None:
+    """Chain directories are named by pool, namespace and image, not by cluster: two clusters'
+    pools of one name would share them (and each run would take the other's chains for its own)."""
+    owner: dict[str, int] = {}
+    for i, cluster in enumerate(clusters):
+        for pool in cluster.pools:
+            first = owner.setdefault(pool.name, i)
+            if first != i:
+                raise ConfigError(
+                    f"{path}: clusters[{first}] ({clusters[first].name!r}) and clusters[{i}] ({cluster.name!r}) "
+                    f"both back up pool {pool.name!r}, whose chains would share one directory of the target; "
+                    "use a separate configuration and target for one of them"
+                )
 
 
 def _pool(raw: Any, where: str, path: Path) -> PoolConfig:

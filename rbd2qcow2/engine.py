@@ -45,7 +45,7 @@ from .activity import point_latest, record
 from .ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from .chain import checked_chain, remove_orphan_files
 from .checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
-from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, Locked, NotFound, QemuError, StorageError, UsageError
+from .errors import Cancelled, ChainDamaged, DiffMismatch, Error, Locked, NotFound, QemuError, UsageError, storage_error
 from .extents import Chunk, Extent, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from .faults import crashpoint, drop_extent
 from .fsutil import chain_lock, commit_file, make_dirs
@@ -210,7 +210,7 @@ def _backup_one(
             point, reason = ImageBackup(cluster, tag, image, opts).run(daemon, head, old_snapshots=old)
             janitor.submit(image, head, old, stack.pop_all())
     except OSError as exc:  # the target's file system: disk full, I/O error, permissions
-        err = StorageError(f"{exc.filename or 'target'}: {exc.strerror or exc}")
+        err = storage_error(exc)
         logger.error("%s: %s", image, err)
         return BackupResult(image, error=err)
     except Error as exc:

@@ -4,7 +4,7 @@ Every error a user can meet derives from :class:`Error`; its docstring is the
 message template and its ``exit_code`` the process exit status (sysexits)::
 
     BaseException
-     +-- Cancelled                 SIGINT/SIGTERM (exit 130/143)
+     +-- Cancelled                 SIGINT/SIGTERM/SIGHUP (exit 130/143/129)
      +-- Exception
           +-- Error                generic failure (exit 1)
                +-- UsageError      bad arguments or names (64)
@@ -18,7 +18,8 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                |    +-- QemuUnavailable  qemu cannot run or start at all (69)
                |    +-- LayerCorrupt     qemu-img check finds a layer corrupt
                +-- NbdError        an NBD request failed (74)
-               +-- StorageError    the target's file system failed (disk full...) (74)
+               +-- StorageError    the target's file system failed (I/O error, read-only) (74)
+               |    +-- TargetFull  no space left, or the quota is used up
                +-- TargetError     the target directory cannot be used (73)
                +-- Locked          another run holds the chain lock (75)
                |    +-- InUse       another process has a file of the chain open
@@ -27,11 +28,12 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- ConfigError     configuration is wrong (78)
 
 ``Cancelled`` derives from ``BaseException`` so that no ``except Exception``
-can swallow a Ctrl-C or a SIGTERM.
+can swallow a Ctrl-C, a SIGTERM or a SIGHUP.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -117,6 +119,23 @@ class StorageError(Error):
     """target I/O error: {}"""
 
     exit_code = os.EX_IOERR
+
+
+class TargetFull(StorageError):
+    """target file system full: {}"""
+
+
+# What an OSError from the target's file system means for the user: exit 74, not a bug.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+STORAGE_ERRNOS = FULL_ERRNOS | {errno.EIO, errno.EROFS}
+
+
+def storage_error(exc: OSError, where: object = None) -> StorageError:
+    """The project's error for an OSError of the target's file system (``where``: the file, if
+    the OSError does not name it)."""
+    name = exc.filename if exc.filename is not None else where
+    what = f"{name}: {exc.strerror or exc}" if name is not None else str(exc.strerror or exc)
+    return TargetFull(what) if exc.errno in FULL_ERRNOS else StorageError(what)
 
 
 class TargetError(Error):

@@ -1,20 +1,28 @@
-"""File-system primitives: atomic replace, fsync of directories, chain locks."""
+"""File-system primitives: atomic replace, fsync of directories, chain locks, the target's reserve."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import Locked, TargetError
+from .errors import FULL_ERRNOS, STORAGE_ERRNOS, Locked, TargetError, storage_error
+
+logger = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# A preallocated file at the target's root that prune and delete remove when
+# the file system is full, so that the manifest dropping points can be written.
+RESERVE = ".rbd2qcow2-reserve"
+RESERVE_BYTES = 8 << 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,18 +45,27 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old or the new file.
 
     A temporary file in the same directory, fsync, ``os.replace``, fsync of the
-    directory (the pattern of borg's ``SaveFile``).
+    directory (the pattern of borg's ``SaveFile``).  A full file system or an
+    I/O error is a :class:`~rbd2qcow2.errors.StorageError` and leaves no
+    temporary file behind.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as fh:
-            fh.write(data)
-            fh.flush()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path) from exc
+        raise
     fsync_dir(path.parent)
 
 
@@ -109,14 +126,26 @@ def chain_lock(directory: Path, *, wait: bool, what: str, timeout: float | None 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
     except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc) from exc
         raise TargetError(f"cannot open lock file {path}: {exc.strerror}") from exc
     try:
         _acquire(fd, wait=wait, what=what, timeout=timeout)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        _note_pid(fd, path)
         yield
     finally:
         os.close(fd)
+
+
+def _note_pid(fd: int, path: Path) -> None:
+    """Write our pid into the lock file, for people; a full disk must not stop the prune that frees it."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise storage_error(exc, path) from exc
+        logger.debug("%s: pid not written: %s", path, exc.strerror)
 
 
 def _acquire(fd: int, *, wait: bool, what: str, timeout: float | None) -> None:
@@ -131,3 +160,37 @@ def _acquire(fd: int, *, wait: bool, what: str, timeout: float | None) -> None:
         if not wait or (deadline is not None and time.monotonic() > deadline):
             raise Locked(what)
         time.sleep(0.2)
+
+
+def keep_reserve(root: Path) -> None:
+    """Make the target's reserve file whole where there is room; never fails."""
+    path = root / RESERVE
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_blocks * 512 >= RESERVE_BYTES:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        logger.debug("%s: not created: %s", path, exc.strerror)
+        return
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError as exc:  # full: made whole by a later run; not supported: no reserve here
+        logger.debug("%s: not preallocated: %s", path, exc.strerror)
+    finally:
+        os.close(fd)
+
+
+def release_reserve(root: Path) -> bool:
+    """Remove the target's reserve file to make room; False when there was none."""
+    try:
+        os.unlink(root / RESERVE)
+    except OSError:
+        return False
+    logger.warning("%s: file system full: its reserve of %d MiB released", root, RESERVE_BYTES >> 20)
+    return True

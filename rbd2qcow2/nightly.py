@@ -34,7 +34,7 @@ from .activity import record
 from .ceph import CephOptions, Claim, Cluster, RbdImage
 from .config import SKIP_META, ClusterConfig, RunConfig
 from .engine import BackupOptions, ImageBackup, SnapshotJanitor, Started
-from .errors import Cancelled, Claimed, DataError, Error
+from .errors import Cancelled, Claimed, DataError, Error, storage_error
 from .names import ImageSpec
 from .prune import PruneOptions, prune_chain
 from .retention import Policy
@@ -44,7 +44,7 @@ from .verify import ChainVerifier, Report, VerifyOptions
 logger = logging.getLogger(__name__)
 
 OK, FAILED, SKIPPED, DELETED = "ok", "failed", "skipped", "deleted"
-STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM
+STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM/SIGHUP
 POLL = 0.1
 # Images prepared (claimed, snapshot taken) ahead of the job threads, per job: with one per job, the
 # jobs of a 40-image run waited 1.2-3.8 s in all for their next image; with two, 0.5-0.8 s.
@@ -457,7 +457,7 @@ def _finish(
 def _failed(cfg: RunConfig, w: _Work, report: ImageReport, exc: BaseException) -> None:
     """Record why an image failed; anything but an ordinary exception goes on up."""
     if isinstance(exc, OSError):  # the target's file system: disk full, I/O error
-        report.status, report.error, report.exit_code = FAILED, f"target I/O error: {exc}", 74
+        report.status, report.error, report.exit_code = FAILED, str(storage_error(exc)), 74
         logger.error("%s: %s", w.image, report.error)
     elif isinstance(exc, Error):
         report.status, report.error, report.exit_code = FAILED, str(exc), exc.exit_code

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,9 +38,19 @@ from . import manifest as mf
 from . import merge, names, qemu
 from .activity import point_latest, record
 from .chain import remove_orphan_files
-from .errors import Error, Locked, UsageError
+from .errors import (
+    FULL_ERRNOS,
+    STORAGE_ERRNOS,
+    Error,
+    Locked,
+    NotFound,
+    StorageError,
+    TargetFull,
+    UsageError,
+    storage_error,
+)
 from .faults import crashpoint
-from .fsutil import chain_lock, fsync_dir
+from .fsutil import chain_lock, fsync_dir, keep_reserve, release_reserve
 from .retention import Decision, Policy, Stamp, decide
 from .target import iter_chains, open_target
 
@@ -176,8 +187,13 @@ def format_plan(plan: ImagePlan, *, dry_run: bool) -> str:
 # -- execution ----------------------------------------------------------------------
 
 
-def recover(directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None = None) -> mf.Manifest:
-    """Finish a merge that an interrupted run left pending (idempotent)."""
+def recover(
+    directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None = None, *, target: Path | None = None
+) -> mf.Manifest:
+    """Finish a merge that an interrupted run left pending (idempotent).
+
+    ``target``: the target's root, whose reserve may be released to commit.
+    """
     pm = m.pending
     if pm is None:
         return m
@@ -185,17 +201,23 @@ def recover(directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None =
     shared = merge.pending_commit_is_shared(directory, m, pm)
     if (pm.method == merge.COMMIT or shared) and daemon is None:
         with qemu.storage_daemon() as own:
-            return _resume(directory, m, pm, own, shared=shared)
-    return _resume(directory, m, pm, daemon, shared=shared)
+            return _resume(directory, m, pm, own, shared=shared, target=target)
+    return _resume(directory, m, pm, daemon, shared=shared, target=target)
 
 
 def _resume(
-    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon | None, *, shared: bool
+    directory: Path,
+    m: mf.Manifest,
+    pm: mf.PendingMerge,
+    daemon: qemu.StorageDaemon | None,
+    *,
+    shared: bool,
+    target: Path | None,
 ) -> mf.Manifest:
     if shared:
         assert daemon is not None
         m, pm = _commit_as_copy(directory, m, pm, daemon)
-    return _finish(directory, m, pm, daemon, progress=False, resumed=True)
+    return _finish(directory, m, pm, daemon, progress=False, resumed=True, target=target)
 
 
 def _commit_as_copy(
@@ -223,6 +245,7 @@ def _finish(
     *,
     progress: bool,
     resumed: bool = False,
+    target: Path | None = None,
 ) -> mf.Manifest:
     """Put the merged files in place, commit, delete the dropped files (each step idempotent)."""
     child = m.point(pm.child)
@@ -241,10 +264,24 @@ def _finish(
     if pm.method == merge.COMMIT:
         pm = dataclasses.replace(pm, stored_bytes=(directory / child.file).stat().st_blocks * 512)
     done = dataclasses.replace(m, pending=pm).finish_merge()
-    mf.save(directory, done)
+    _save_dropping(directory, done, target)
     crashpoint("prune-after-commit")
     _unlink_points(directory, [m.point(d) for d in pm.drop])
     return done
+
+
+def _save_dropping(directory: Path, m: mf.Manifest, target: Path | None) -> None:
+    """Save a manifest that drops points; on a full file system, in the room of the target's reserve.
+
+    The dropped points' files go only once the manifest no longer names
+    them, so freeing space starts with writing the manifest.
+    """
+    try:
+        mf.save(directory, m)
+    except TargetFull:
+        if target is None or not release_reserve(target):
+            raise
+        mf.save(directory, m)
 
 
 def _unlink_points(directory: Path, points: Sequence[mf.Point]) -> None:
@@ -255,23 +292,27 @@ def _unlink_points(directory: Path, points: Sequence[mf.Point]) -> None:
 
 
 def apply(directory: Path, m: mf.Manifest, actions: Sequence[Action], opts: PruneOptions) -> mf.Manifest:
-    with qemu.storage_daemon() as daemon:
-        for action in actions:
-            if isinstance(action, Delete):
-                m = _delete(directory, m, action)
-                record(directory, f"prune deleted {' '.join(action.drop)}")
-            else:
-                m = _merge(directory, m, action, daemon, opts)
-                record(directory, f"prune merged {' '.join(action.drop)} into {action.child}")
-    point_latest(directory, m.latest.file if m.latest else None)
+    """Run the actions, deletions first: they need no room, and free what the merges need."""
+    try:
+        with qemu.storage_daemon() as daemon:
+            for action in sorted(actions, key=lambda a: isinstance(a, Merge)):
+                if isinstance(action, Delete):
+                    m = _delete(directory, m, action, opts.target)
+                    record(directory, f"prune deleted {' '.join(action.drop)}")
+                else:
+                    m = _merge(directory, m, action, daemon, opts)
+                    record(directory, f"prune merged {' '.join(action.drop)} into {action.child}")
+        point_latest(directory, m.latest.file if m.latest else None)
+    finally:
+        keep_reserve(opts.target)
     return m
 
 
-def _delete(directory: Path, m: mf.Manifest, action: Delete) -> mf.Manifest:
+def _delete(directory: Path, m: mf.Manifest, action: Delete, target: Path) -> mf.Manifest:
     points = [m.point(d) for d in action.drop]
     for p in reversed(points):
         m = m.without(p.id)
-    mf.save(directory, m)
+    _save_dropping(directory, m, target)
     _unlink_points(directory, points)
     logger.info("%s: deleted %s", m.image, ", ".join(action.drop))
     return m
@@ -289,10 +330,15 @@ def _merge(
         )
         crashpoint("prune-after-build")
     journaled = dataclasses.replace(m, pending=pending)
-    mf.save(directory, journaled)
+    try:
+        mf.save(directory, journaled)
+    except StorageError:  # the manifest stayed as it was: the merge's files are nobody's
+        for path in merge.merge_files(directory, m.point(action.child)):
+            path.unlink(missing_ok=True)
+        raise
     crashpoint("prune-after-journal")
     try:
-        done = _finish(directory, journaled, pending, daemon, progress=opts.progress)
+        done = _finish(directory, journaled, pending, daemon, progress=opts.progress, target=opts.target)
     except Locked:
         # The commit did not start: nothing was written, the journal is undone.
         mf.save(directory, m)
@@ -321,23 +367,43 @@ def prune(specs: Sequence[str], opts: PruneOptions) -> list[ImagePlan]:
     return results
 
 
+def _lock(directory: Path, target: Path, *, wait: bool, what: str) -> ExitStack:
+    """The chain's lock; a lock file that a full file system has no room for is made in the reserve's."""
+    stack = ExitStack()
+    try:
+        stack.enter_context(chain_lock(directory, wait=wait, what=what))
+    except TargetFull:
+        if not release_reserve(target):
+            raise
+        stack.callback(keep_reserve, target)  # again once the chain is unlocked, where there is room
+        stack.enter_context(chain_lock(directory, wait=wait, what=what))
+    return stack
+
+
 def prune_chain(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> ImagePlan:
     """Recover, plan and apply the policy to one chain, under its lock."""
     try:
-        with chain_lock(directory, wait=opts.wait, what=str(image)):
+        with _lock(directory, opts.target, wait=opts.wait, what=str(image)):
             m = mf.load(directory)
             if m is None:
                 return ImagePlan(image, {}, ())
             if not opts.dry_run:
-                m = recover(directory, m)
+                m = recover(directory, m, target=opts.target)
                 remove_orphan_files(directory, m)
             plan = plan_image(m, opts)
             if not opts.dry_run and plan.actions:
                 apply(directory, m, plan.actions, opts)
             return plan
     except Error as exc:
+        exc = _full(exc)
         logger.error("%s: %s", image, exc)
         return ImagePlan(image, {}, (), exc)
+    except OSError as exc:  # the target's file system; the other chains go on
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        err = storage_error(exc)
+        logger.error("%s: %s", image, err)
+        return ImagePlan(image, {}, (), err)
 
 
 def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: int = 4, progress: bool = False) -> str:
@@ -348,17 +414,35 @@ def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: i
     ref = parse_ref(ref_text)
     open_target(target, create=False)
     directory = chain_dir(target, ref.image)
-    with chain_lock(directory, wait=wait, what=str(ref.image)):
-        m = mf.load(directory)
-        if m is None:
-            from .errors import NotFound
+    missing = NotFound(f"no backups of {ref.image} in {target}")
+    if not (directory / mf.NAME).is_file():  # before the lock, which would create a file there
+        raise missing
+    try:
+        with _lock(directory, target, wait=wait, what=str(ref.image)):
+            m = mf.load(directory)
+            if m is None:
+                raise missing
+            m = recover(directory, m, target=target)
+            remove_orphan_files(directory, m)
+            point = select(m, ref)
+            if m.latest is not None and point.id == m.latest.id:
+                logger.warning("%s: deleting the newest point; the next backup is a full one", ref.image)
+            opts = PruneOptions(target=target, parallel=parallel, progress=progress)
+            apply(directory, m, plan_actions(m, {point.id}), opts)
+            return f"{ref.image}@{point.id}"
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        raise storage_error(exc) from exc
+    except Error as exc:
+        full = _full(exc)
+        if full is exc:
+            raise
+        raise full from exc
 
-            raise NotFound(f"no backups of {ref.image} in {target}")
-        m = recover(directory, m)
-        remove_orphan_files(directory, m)
-        point = select(m, ref)
-        if m.latest is not None and point.id == m.latest.id:
-            logger.warning("%s: deleting the newest point; the next backup is a full one", ref.image)
-        opts = PruneOptions(target=target, parallel=parallel, progress=progress)
-        apply(directory, m, plan_actions(m, {point.id}), opts)
-        return f"{ref.image}@{point.id}"
+
+def _full(exc: Error) -> Error:
+    """A qemu or NBD error that says the file system is full, as such (qemu reports it as text)."""
+    if isinstance(exc, TargetFull) or not any(os.strerror(e) in str(exc) for e in FULL_ERRNOS):
+        return exc
+    return TargetFull(str(exc))

@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChainDamaged, StorageError, TargetError
+from .errors import ChainDamaged, StorageError, TargetError, storage_error
 
 MAGIC = b"QFI\xfb"
 HEADER_READ = 65536
@@ -226,7 +226,7 @@ def create_layer(path: Path, size: int, backing: str | None, *, replace: bool = 
     except FileExistsError as exc:
         raise TargetError(f"{path} exists") from exc
     except OSError as exc:
-        raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+        raise storage_error(exc, path) from exc
     try:
         os.fchmod(fd, 0o600)
         for offset, data in parts:
@@ -234,7 +234,7 @@ def create_layer(path: Path, size: int, backing: str | None, *, replace: bool = 
                 raise StorageError(f"{path}: short write")
         os.ftruncate(fd, length)
     except OSError as exc:
-        raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+        raise storage_error(exc, path) from exc
     finally:
         os.close(fd)
 

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 30.0
 PREALLOCATE_SIZE = 128 << 20  # how far qemu's preallocate filter extends a layer file at a time (its default)
+PREALLOCATE_ALIGN = 1 << 20  # the filter's prealloc-align default
 
 
 def _run(args: Sequence[str], *, what: str) -> str:
@@ -116,7 +117,7 @@ def chain_options(
         elif not writable and aio is not None:
             file["aio"] = aio
         if writable and preallocate:
-            file = {"driver": "preallocate", "file": file}
+            file = preallocate_node(file, path)
         node: dict[str, Any] = {"driver": "qcow2", "file": file, "backing": opts}
         if top and not writable:
             node["read-only"] = True
@@ -124,6 +125,27 @@ def chain_options(
     if opts is None:
         raise ValueError("empty chain")
     return opts
+
+
+def preallocate_node(file: dict[str, Any], path: Path) -> dict[str, Any]:
+    """qemu's ``preallocate`` filter over ``file`` (of ``path``), taking at most a quarter of the free space.
+
+    Where less than ``PREALLOCATE_SIZE`` is free, ext4 allocates what it can
+    of the extension, and the checksum file and the manifest written beside
+    the layer find no room; on a nearly full file system there is no filter.
+    """
+    node: dict[str, Any] = {"driver": "preallocate", "file": file}
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return node
+    share = st.f_bavail * st.f_frsize // 4 // PREALLOCATE_ALIGN * PREALLOCATE_ALIGN
+    if share >= PREALLOCATE_SIZE:
+        return node
+    if share < PREALLOCATE_ALIGN:
+        return file
+    node["prealloc-size"] = share
+    return node
 
 
 class CommitWay(NamedTuple):
@@ -171,7 +193,7 @@ def _commit_options(
     if way.direct:
         file["cache"] = {"direct": True}
     if way.preallocate:
-        file = {"driver": "preallocate", "file": file}
+        file = preallocate_node(file, files[base])
     base_opts: dict[str, Any] = {"driver": "qcow2", "node-name": base_node, "file": file, "backing": None}
     opts: Any = base_node
     for path in files[base + 1 :]:

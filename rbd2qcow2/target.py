@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import manifest as mf
-from .errors import ChainDamaged, TargetError
-from .fsutil import DIR_MODE, create_once
+from .errors import FULL_ERRNOS, ChainDamaged, TargetError, storage_error
+from .fsutil import DIR_MODE, create_once, keep_reserve
 from .names import ImageSpec, chain_relpath, is_target_tag
 
 TAG_FILE = ".rbd2qcow2-target"
@@ -21,6 +21,7 @@ def open_target(root: Path, *, create: bool) -> str:
 
     The tag is part of every snapshot name this target creates, so two
     targets backing up the same image never remove each other's snapshots.
+    ``create`` also makes the target's reserve file (:func:`fsutil.keep_reserve`).
     """
     if create:
         try:
@@ -40,9 +41,13 @@ def open_target(root: Path, *, create: bool) -> str:
             create_once(path, json.dumps({"format": "rbd2qcow2-target", "tag": secrets.token_hex(4)}).encode() + b"\n")
             tag = _read_tag(path)
         except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise storage_error(exc, path) from exc
             raise TargetError(f"cannot create {path}: {exc.strerror}") from exc
     if not isinstance(tag, str) or not is_target_tag(tag):
         raise TargetError(f"{path} holds an invalid tag")
+    if create:
+        keep_reserve(root)
     return tag
 
 

@@ -41,14 +41,14 @@ from .background import Later, in_parallel
 from .chain import orphan_files
 from .checksums import BLOCK_SIZE, file_sha256, read_records
 from .deepcheck import Checker, MappedChain, NullSink, check_point
-from .errors import Error, LayerCorrupt, Locked, NotFound, QemuUnavailable, combined_exit_code
+from .errors import Error, LayerCorrupt, Locked, NotFound, QemuUnavailable, StorageError, combined_exit_code
 from .extents import Chunk, Kind, sample_ranges
 from .fsutil import chain_lock
 from .progress import Progress
 from .prune import recover
 from .qcow2 import check_header, read_header
 from .refs import parse_ref, select
-from .target import iter_chains, open_target
+from .target import chain_dir, iter_chains, open_target
 
 if TYPE_CHECKING:
     from .ceph import CephOptions, Cluster
@@ -149,11 +149,13 @@ def _wanted(args: Sequence[str]) -> tuple[list[names.Selector], dict[names.Image
 def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
     open_target(opts.target, create=False)
     selectors, point_args = _wanted(args)
+    chains = list(iter_chains(opts.target))
+    _all_found(opts.target, args, selectors, chains)
     report = Report()
     cluster = _cluster(opts) if opts.source else None
     try:
         with _DaemonOnDemand() as daemon:
-            for directory, item in iter_chains(opts.target):
+            for directory, item in chains:
                 if isinstance(item, Error):
                     report.problems.append(Problem(str(directory), f"manifest: {item}", file=mf.NAME))
                     continue
@@ -170,6 +172,24 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
         if cluster is not None:
             cluster.close()
     return report
+
+
+def _all_found(
+    target: Path,
+    args: Sequence[str],
+    selectors: Sequence[names.Selector],
+    chains: Sequence[tuple[Path, mf.Manifest | Error]],
+) -> None:
+    """Every image named (not a whole pool) has a chain, if a damaged one."""
+    for arg, sel in zip(args, selectors, strict=True):
+        if sel.name is None:
+            continue
+        spec = names.ImageSpec(sel.pool, sel.namespace or "", sel.name)
+        if not any(
+            directory == chain_dir(target, spec) if isinstance(item, Error) else sel.matches(item.image)
+            for directory, item in chains
+        ):
+            raise NotFound(f"no backups of {arg.split('@')[0]} in {target}")
 
 
 class _DaemonOnDemand(qemu.StorageDaemon):
@@ -222,7 +242,7 @@ class ChainVerifier:
 
     def run(self, point_ids: list[str] | None = None) -> None:
         """Check the points (default: all) under the chain lock; flag the damaged ones, clear the sound ones."""
-        with chain_lock(self.dir, wait=self.opts.wait, what=self.image):
+        with self._locked():
             m = mf.load(self.dir)  # as it is now that no backup or prune can change it
             if m is None:
                 return
@@ -236,6 +256,22 @@ class ChainVerifier:
                 for ahead in self._ahead.values():
                     ahead.close()
                 self._ahead.clear()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The chain lock; on a full target whose lock file cannot be made, none.
+
+        A lock file that cannot be created cannot be held by anyone else either,
+        and verify writes nothing but flags, which a full target refuses anyway.
+        """
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(chain_lock(self.dir, wait=self.opts.wait, what=self.image))
+            except StorageError as exc:
+                if (self.dir / "lock").exists():
+                    raise
+                logger.warning("%s: verified without the chain lock: %s", self.image, exc)
+            yield
 
     def _run(self, point_ids: list[str]) -> None:
         """Structure, then each point's content and source; then the flags.

@@ -168,7 +168,11 @@ def test_two_concurrent_runs(ceph: Ceph, target: Path, image_name: str, tmp_path
 # -- signals and kill -9 --------------------------------------------------------
 
 
-def test_sigterm_mid_transfer_cleans_up(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_mid_transfer_cleans_up(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path, signum: int, code: int
+) -> None:
+    """SIGTERM to the process; SIGHUP (an ssh session that dropped) to its whole process group."""
     work = make_image(ceph, image_name)
     first, expected = backup_checked(ceph, target, image_name, tmp_path)
     change(ceph, image_name, work)
@@ -182,15 +186,20 @@ def test_sigterm_mid_transfer_cleans_up(ceph: Ceph, target: Path, image_name: st
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while not stall.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.05)
     assert any(n.endswith(".partial") for n in os.listdir(directory))
-    proc.send_signal(signal.SIGTERM)
+    if signum == signal.SIGHUP:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
     assert out == ""
     assert layer_files(directory) == {first.file, f"{first.id}.sums"}
     assert ceph.snapshots(image_name) == [first.snapshot.name]

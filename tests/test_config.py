@@ -6,6 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from rbd2qcow2.config import load
 from rbd2qcow2.errors import ConfigError
@@ -106,3 +107,30 @@ def test_bad_configs(tmp_path: Path, text: str, key: str, reason: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "nope.toml")
+
+
+TWO_CLUSTERS = """
+target = "/b"
+[[clusters]]
+name = "east"
+[[clusters.pools]]
+name = "rbd"
+[[clusters]]
+name = "west"
+[[clusters.pools]]
+name = "{pool}"
+"""
+
+
+def test_two_clusters_with_one_pool_name_are_refused(tmp_path: Path) -> None:
+    """Chain directories are POOL/IMAGE: the two pools' chains would share them."""
+    path = write(tmp_path, TWO_CLUSTERS.format(pool="rbd"))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert str(path) in message and "'east'" in message and "'west'" in message and "'rbd'" in message, message
+    proc = run_cli("run", "--config", str(path), "--check-config")
+    assert proc.returncode == 78 and "'east'" in proc.stderr and "'west'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    cfg = load(write(tmp_path, TWO_CLUSTERS.format(pool="vms")))
+    assert [c.pools[0].name for c in cfg.clusters] == ["rbd", "vms"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -102,6 +103,7 @@ def test_args_are_kept() -> None:
         (errors.InUse, 75),
         (errors.Claimed, 75),
         (errors.StorageError, 74),
+        (errors.TargetFull, 74),
         (ConfigError, 78),
     ],
 )
@@ -124,10 +126,27 @@ def test_exit_codes_are_sysexits() -> None:
 
 def test_every_error_class_has_a_severity() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Error)]
-    assert len(classes) == 18
+    assert len(classes) == 19
     for cls in classes:
         assert cls.exit_code in SEVERITY, cls
         assert cls.__doc__ and "{}" in cls.__doc__, cls
+
+
+@pytest.mark.parametrize(
+    ("code", "cls", "text"),
+    [
+        (errno.ENOSPC, errors.TargetFull, "target file system full: /t/x: No space left on device"),
+        (errno.EDQUOT, errors.TargetFull, "target file system full: /t/x: Disk quota exceeded"),
+        (errno.EIO, errors.StorageError, "target I/O error: /t/x: Input/output error"),
+        (errno.EROFS, errors.StorageError, "target I/O error: /t/x: Read-only file system"),
+    ],
+)
+def test_storage_error_of_an_os_error(code: int, cls: type[Error], text: str) -> None:
+    err = errors.storage_error(OSError(code, os.strerror(code), "/t/x"))
+    assert type(err) is cls and err.exit_code == 74 and str(err) == text
+    # A write names no file: the caller does.
+    assert str(errors.storage_error(OSError(code, os.strerror(code)), "/t/x")) == text
+    assert code in errors.STORAGE_ERRNOS
 
 
 def test_chain_damaged_is_a_data_error() -> None:
@@ -137,7 +156,10 @@ def test_chain_damaged_is_a_data_error() -> None:
 # -- Cancelled -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize(
+    ("signum", "code", "name"),
+    [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP")],
+)
 def test_cancelled(signum: int, code: int, name: str) -> None:
     exc = Cancelled(signum)
     assert exc.signum == signum
@@ -200,3 +222,14 @@ def test_severity_order() -> None:
     for i, worse in enumerate(SEVERITY):
         for better in SEVERITY[i + 1 :]:
             assert combined_exit_code([better, worse, 0]) == worse
+
+
+def test_a_qemu_error_of_a_full_disk_is_target_full() -> None:
+    from rbd2qcow2.errors import NbdError, QemuError
+    from rbd2qcow2.prune import _full
+
+    full = _full(NbdError("write of 65536 bytes at 0 failed: nbd_pwrite: No space left on device"))
+    assert isinstance(full, errors.TargetFull) and str(full).startswith("target file system full: NBD: write")
+    assert isinstance(_full(QemuError("commit: Disk quota exceeded")), errors.TargetFull)
+    other = QemuError("Could not open 'x': Permission denied")
+    assert _full(other) is other

@@ -206,7 +206,10 @@ def test_overlay_boots_without_touching_chain(ceph: Ceph, target: Path, image_na
     assert run_cli("overlay", "--target", str(target), ref, str(overlay)).returncode == 73
 
 
-def test_serve_exports_point_read_only(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP])
+def test_serve_exports_point_read_only(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path, stop: signal.Signals
+) -> None:
     points = build_chain(ceph, target, image_name, tmp_path, cycles=2)
     ref, expected = points[0]
     sockdir = Path(tempfile.mkdtemp(prefix="r2q-srv-"))
@@ -231,7 +234,7 @@ def test_serve_exports_point_read_only(ceph: Ceph, target: Path, image_name: str
         assert data == expected.read_bytes()
         h.shutdown()
         del h
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         proc.wait(30)
         assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
         assert not socket.exists()

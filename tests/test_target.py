@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rbd2qcow2.errors import TargetError
+from rbd2qcow2.fsutil import RESERVE, RESERVE_BYTES, keep_reserve, release_reserve
 from rbd2qcow2.target import TAG_FILE, open_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +22,7 @@ def test_tag_is_made_once_and_kept(tmp_path: Path) -> None:
     tag = open_target(root, create=True)
     assert open_target(root, create=False) == tag
     assert open_target(root, create=True) == tag
-    assert sorted(p.name for p in root.iterdir()) == [TAG_FILE]
+    assert sorted(p.name for p in root.iterdir()) == [RESERVE, TAG_FILE]
     assert (root / TAG_FILE).stat().st_mode & 0o077 == 0
 
 
@@ -62,4 +63,21 @@ def test_concurrent_first_runs_agree_on_one_tag(tmp_path: Path) -> None:
         tags = {p.communicate(timeout=60)[0].strip() for p in procs}
         assert all(p.returncode == 0 for p in procs)
         assert tags == {json.loads((root / TAG_FILE).read_text())["tag"]}
-        assert sorted(p.name for p in root.iterdir()) == [TAG_FILE]
+        assert sorted(p.name for p in root.iterdir()) == [RESERVE, TAG_FILE]
+
+
+def test_the_reserve_is_made_released_and_made_again(tmp_path: Path) -> None:
+    open_target(tmp_path, create=True)
+    reserve = tmp_path / RESERVE
+    st = reserve.stat()
+    assert st.st_blocks * 512 >= RESERVE_BYTES and st.st_mode & 0o077 == 0
+    assert release_reserve(tmp_path) and not reserve.exists()
+    assert not release_reserve(tmp_path)
+    with open(reserve, "wb") as fh:  # a reserve made short on a full disk is made whole
+        fh.write(b"x")
+    keep_reserve(tmp_path)
+    assert reserve.stat().st_blocks * 512 >= RESERVE_BYTES
+    reserve.unlink()
+    reserve.symlink_to(tmp_path / "elsewhere")  # not ours: left alone
+    keep_reserve(tmp_path)
+    assert reserve.is_symlink() and not (tmp_path / "elsewhere").exists()
