@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -459,7 +460,7 @@ def test_chain_files_are_opened_only_as_regular_files(tmp_path: Path, kind: str,
         path.mkdir()
     else:
         path.symlink_to("/dev/zero")
-    opens = [
+    opens: list[Callable[[], object]] = [
         lambda: file_sha256(path),
         lambda: list(read_records(path)),
         lambda: read_header(path),
