@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChainDamaged
-from .fsutil import atomic_write
+from .fsutil import atomic_write, open_regular
 from .names import ImageSpec, is_point_id, sums_file
 
 FORMAT = "rbd2qcow2-manifest"
@@ -292,7 +292,8 @@ def load(directory: Path) -> Manifest | None:
     """
     path = directory / NAME
     try:
-        data = path.read_bytes()
+        with os.fdopen(open_regular(path), "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         stray = own_files(directory)
         if stray:

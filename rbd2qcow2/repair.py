@@ -126,19 +126,18 @@ def repair(spec: str, opts: RepairOptions) -> RepairReport:
         report = rebuild(directory, image, tag, source)
         report.online = source is not None
         report.kept = _commit(directory, report.manifest)
-    latest = report.manifest.latest
-    point_latest(directory, latest.file if latest else None)
-    record(directory, f"repair rebuilt {len(report.manifest.points)} points, left out {len(report.left_out)} files")
+        latest = report.manifest.latest
+        point_latest(directory, latest.file if latest else None)
+        record(directory, f"repair rebuilt {len(report.manifest.points)} points, left out {len(report.left_out)} files")
     return report
 
 
 def _refuse_loadable(directory: Path, *, force: bool) -> None:
-    try:
-        data = (directory / mf.NAME).read_bytes()
-    except FileNotFoundError:
+    path = directory / mf.NAME
+    if not path.exists() and not path.is_symlink():
         return
     try:
-        mf.loads(data, str(directory))
+        mf.load(directory)
     except ChainDamaged as exc:
         logger.warning("%s", exc)
         return
@@ -157,7 +156,10 @@ def _commit(directory: Path, m: mf.Manifest) -> Path | None:
         while kept.exists() or kept.is_symlink():
             n += 1
             kept = directory / f"{mf.NAME}.damaged-{stamp}-{n}"
-        os.link(old, kept, follow_symlinks=False)  # the old stays in place until the new replaces it
+        if old.is_file() and not old.is_symlink():
+            os.link(old, kept)  # the old stays in place until the new replaces it
+        else:
+            os.rename(old, kept)  # a link or a directory in its place: moved aside
     mf.save(directory, m)
     return kept
 

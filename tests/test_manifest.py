@@ -470,3 +470,19 @@ def test_chain_files_are_opened_only_as_regular_files(tmp_path: Path, kind: str,
     for open_it in opens:
         with pytest.raises(ChainDamaged):
             open_it()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "directory"])
+def test_manifest_itself_is_read_only_as_a_regular_file(tmp_path: Path, kind: str, alarm: None) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    mf.save(elsewhere, sample())  # a valid manifest, reached only through a link
+    path = tmp_path / mf.NAME
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(elsewhere / mf.NAME)
+    with pytest.raises(ChainDamaged, match="regular file"):
+        mf.load(tmp_path)
