@@ -314,3 +314,37 @@ def test_planted_checksum_paths_end_quickly_with_65(
         proc = run_cli(*args, timeout=120)  # a hang is a failure, not a wait
         assert proc.returncode == 65, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+# -- the journal across a kill ----------------------------------------------------------
+
+
+@pytest.mark.ceph
+@pytest.mark.parametrize("where", ["after-journal", "mid-transfer", "after-rename"])
+def test_kill9_in_a_first_backup_is_cleaned_up_by_the_journal(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path, where: str
+) -> None:
+    """Even the first backup leaves a manifest (no points, a journal); what nothing names is left alone."""
+    from rbd2qcow2.faults import CRASH_ENV
+
+    ceph.create(image_name, 24 * MiB)
+    with ceph.image(image_name) as img:
+        Workload(3).run(img, ops=8)
+    directory = _chain(target, ceph, image_name)
+    proc = run_cli("backup", "--target", str(target), _spec(ceph, image_name), env={CRASH_ENV: where})
+    assert proc.returncode == -9, proc.stderr
+    m = mf.load(directory)
+    assert m is not None and m.points == () and len(m.writing) == 4
+    stranger = directory / "20200101T000000Z.qcow2"
+    stranger.write_bytes(b"a layer put back by hand")
+    proc = _backup(target, ceph, image_name)
+    assert proc.returncode == 0, proc.stderr
+    assert "20200101T000000Z.qcow2 is not named by the manifest; left in place" in proc.stderr
+    assert stranger.read_bytes() == b"a layer put back by hand"
+    m = mf.load(directory)
+    assert m is not None and m.writing == () and [p.kind for p in m.points] == ["full"]
+    files = {p.name for p in directory.iterdir()} - {"lock", "latest", "activity.log", mf.NAME}
+    assert files == {m.points[0].file, f"{m.points[0].id}.sums", stranger.name}
+    raw = ceph.export(image_name, m.points[0].snapshot.name, tmp_path / "expected.raw")
+    assert_same_content(_restore(target, ceph, image_name, m.points[0].id, tmp_path / "restored.raw"), raw)
+    assert ceph.snapshots(image_name) == [m.points[0].snapshot.name]
