@@ -15,11 +15,12 @@ Per image, under the chain lock:
    write the manifest without the dropped points and delete their files.
 
 Every step is idempotent and a crash at any point is finished forward by
-the next run that takes the lock (backup or prune); the files a merge builds
-are named in the manifest's journal (``writing``) before they are created,
-so the next run removes them if the merge never got its ``pending`` entry.  Pruning never removes an
-RBD snapshot, and the newest point (the base of the next backup) is always
-kept.
+the next run that takes the lock (backup or prune).  The files a merge
+builds are named in the manifest's journal (``writing``) before they are
+created, and the files of dropped points when the manifest drops them, so
+the next run removes what a kill left and nothing else.  Pruning never
+removes an RBD snapshot, and the newest point (the base of the next backup)
+is always kept.
 """
 
 from __future__ import annotations
