@@ -122,7 +122,7 @@ def repair(spec: str, opts: RepairOptions) -> RepairReport:
         raise NotFound(f"no chain directory of {image} in {opts.target}")
     with chain_lock(directory, wait=opts.wait, what=str(image)):
         _refuse_loadable(directory, force=opts.force)
-        source = _source(image, opts.ceph)
+        source = _source(image, tag, opts.ceph)
         report = rebuild(directory, image, tag, source)
         report.online = source is not None
         report.kept = _commit(directory, report.manifest)
@@ -164,7 +164,7 @@ def _commit(directory: Path, m: mf.Manifest) -> Path | None:
     return kept
 
 
-def _source(image: names.ImageSpec, ceph: CephOptions | None) -> Source | None:
+def _source(image: names.ImageSpec, tag: str, ceph: CephOptions | None) -> Source | None:
     """The image's id and our snapshots, or None when the cluster or the image cannot be reached."""
     if ceph is None:
         return None
@@ -175,15 +175,15 @@ def _source(image: names.ImageSpec, ceph: CephOptions | None) -> Source | None:
         return None
     try:
         with Cluster(ceph) as cluster, cluster.image(image, read_only=True) as img:
-            return Source(img.id(), dict(_snapshots(img)))
+            return Source(img.id(), dict(_snapshots(img, tag)))
     except Error as exc:
         logger.warning("%s: %s; rebuilding from the files alone", image, exc)
         return None
 
 
-def _snapshots(img: RbdImage) -> Iterator[tuple[str, SnapFacts]]:
+def _snapshots(img: RbdImage, tag: str) -> Iterator[tuple[str, SnapFacts]]:
     for s in img.snapshots():
-        if s.name.startswith(f"{names.SNAP_PREFIX}."):
+        if names.is_own_snapshot(s.name, tag):
             yield s.name, SnapFacts(s.id, s.size, img.snapshot_time(s.id))
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,10 @@ def test_repair_restores_verifies_and_continues_incrementally(
     latest = m.points[-1]
     assert latest.snapshot == original.points[-1].snapshot  # its snapshot still exists: name and id matched
     assert latest.image_id == original.image_id and latest.flags == ("repaired",)
-    assert latest.created[:19] == original.points[-1].created[:19]
+    # The snapshot's time: taken after the point's id was chosen, before the point was committed.
+    taken = datetime.fromisoformat(latest.created)
+    assert datetime.strptime(latest.id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC) <= taken
+    assert taken <= datetime.fromisoformat(original.points[-1].created)
     assert [p.checksums for p in m.points] == [p.checksums for p in original.points]
     for p in m.points[:-1]:  # their snapshots were removed after the next backup
         assert "no-snapshot" in p.flags and "no-incremental" not in p.flags
