@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import rados
@@ -294,6 +295,11 @@ class RbdImage:
     def snapshots(self) -> list[SnapInfo]:
         snaps = _wrap(self.label, lambda: list(self._img.list_snaps()))
         return [SnapInfo(int(s["id"]), str(s["name"]), int(s["size"])) for s in snaps]
+
+    def snapshot_time(self, snap_id: int) -> datetime:
+        """When a snapshot was taken (UTC)."""
+        when: datetime = _wrap(self.label, lambda: self._img.get_snap_timestamp(snap_id))
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
     def snapshot(self, name: str) -> SnapInfo | None:
         return next((s for s in self.snapshots() if s.name == name), None)

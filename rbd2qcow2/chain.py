@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import re
 from pathlib import Path
 
 from . import manifest as mf
@@ -13,8 +12,7 @@ from .qcow2 import check_header, read_header
 
 logger = logging.getLogger(__name__)
 
-# Files an interrupted run can leave; only names of these shapes are ever removed.
-_ORPHAN = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.(qcow2|sums)(\.partial|\.merge)?|\.manifest\.json\.tmp")
+TMP = f".{mf.NAME}.tmp"  # left by a save that was interrupted (see fsutil.atomic_write)
 
 
 def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list[Path]:
@@ -34,20 +32,43 @@ def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list
 
 
 def orphan_files(directory: Path, manifest: mf.Manifest) -> list[str]:
-    """Files of ours (by their name's shape) that the manifest does not name."""
+    """Files of ours (by their name's shape) that the manifest does not name as part of the chain."""
+    named = _named(manifest)
+    return sorted(name for name in mf.own_files(directory) if name not in named) + _tmp(directory)
+
+
+def _named(manifest: mf.Manifest) -> set[str]:
     named = {p.file for p in manifest.points} | {sums_file(p.id) for p in manifest.points}
     if manifest.pending is not None:  # the files of a merge still to be finished
         child = manifest.point(manifest.pending.child)
         named |= {f"{child.file}.merge", f"{sums_file(child.id)}.merge"}
-    return sorted(
-        entry.name
-        for entry in os.scandir(directory)
-        if _ORPHAN.fullmatch(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False)
-    )
+    return named
 
 
-def remove_orphan_files(directory: Path, manifest: mf.Manifest) -> None:
-    """Remove the files of ours that the manifest does not name (call with the chain locked)."""
+def _tmp(directory: Path) -> list[str]:
+    return [TMP] if (directory / TMP).is_file() and not (directory / TMP).is_symlink() else []
+
+
+def remove_orphan_files(directory: Path, manifest: mf.Manifest) -> mf.Manifest:
+    """Remove what an interrupted run left; returns the manifest with its journal cleared.
+
+    Call with the chain locked.  Only files the manifest's journal
+    (``writing``) names, and the manifest's own temporary file, are removed:
+    a file of our name shape that nothing names is reported and left, since
+    nothing proves that this tool wrote it (a copy put back by hand, a
+    layer whose manifest entry was lost).  The journal is cleared on disk
+    once its files are gone.
+    """
+    named = _named(manifest)
     for name in orphan_files(directory, manifest):
-        logger.warning("%s: removing %s left by an interrupted run", manifest.image, name)
-        os.unlink(directory / name)
+        if name in manifest.writing or name == TMP:
+            logger.warning("%s: removing %s left by an interrupted run", manifest.image, name)
+            (directory / name).unlink(missing_ok=True)
+        else:
+            logger.warning("%s: %s is not named by the manifest; left in place", manifest.image, name)
+    # A journaled file that a point or the pending merge names is the chain's: never removed.
+    kept = tuple(n for n in manifest.writing if n in named)
+    if kept != manifest.writing:
+        manifest = dataclasses.replace(manifest, writing=kept)
+        mf.save(directory, manifest)
+    return manifest

@@ -28,6 +28,7 @@ from typing import BinaryIO
 import xxhash
 
 from .errors import ChainDamaged
+from .fsutil import open_regular
 
 BLOCK_SIZE = 65536
 ALGORITHM = "xxh3-128"
@@ -111,7 +112,7 @@ class OrderedWriter:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         for piece in iter(lambda: fh.read(1 << 20), b""):
             h.update(piece)
     return h.hexdigest()
@@ -123,7 +124,7 @@ def unpack_records(records: bytes) -> list[tuple[int, bytes]]:
 
 def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
     """The ``(block index, digest)`` records of a checksum file, in order."""
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         header = fh.read(_HEADER.size)
         if len(header) != _HEADER.size:
             raise ChainDamaged(str(path), "checksum file truncated")

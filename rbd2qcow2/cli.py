@@ -150,7 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_list)
 
     _add_usage_command(sub, common)
+    _add_repair_command(sub, common)
     return parser
+
+
+def _add_repair_command(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    r = sub.add_parser("repair", parents=[common], help="rebuild a chain's manifest from its layer files")
+    r.add_argument("--target", "-t", required=True, type=Path, help="backup target directory")
+    r.add_argument("--offline", action="store_true", help="do not ask the cluster for the snapshots")
+    r.add_argument("--force", action="store_true", help="rebuild even a valid manifest (it is kept aside)")
+    r.add_argument("--wait", action="store_true", help="wait for a locked chain")
+    _add_ceph(r)
+    r.add_argument("spec", metavar="SPEC", help="POOL/IMAGE or POOL/NAMESPACE/IMAGE")
+    r.set_defaults(func=cmd_repair)
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .repair import RepairOptions, repair
+
+    opts = RepairOptions(
+        target=args.target,
+        ceph=None if args.offline else _ceph_options(args),
+        force=args.force,
+        wait=args.wait,
+    )
+    for line in repair(args.spec, opts).lines():
+        print(line)
+    return 0
 
 
 def _add_usage_command(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:

@@ -37,6 +37,7 @@ from . import hashworker, qemu
 from .checksums import BLOCK_SIZE, ZERO_DIGEST, unpack_records, zero_digest
 from .checksums import digest as block_digest
 from .extents import Chunk, Kind
+from .fsutil import open_regular
 
 logger = logging.getLogger(__name__)
 QEMU_REQUEST = 4 << 20  # bytes per NBD read of the blocks qemu reads
@@ -213,7 +214,7 @@ class MappedChain:
         self.worker: _Worker | None = None
         try:
             for path in self.files:
-                self.fds.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+                self.fds.append(open_regular(path))
             self.map = qemu.HostMap([Path(f"/dev/fd/{fd}") for fd in self.fds], pass_fds=self.fds)
             if sum(os.fstat(fd).st_size for fd in self.fds) >= WORKER_MIN:
                 self.worker = _Worker(self.fds)

@@ -2,17 +2,19 @@
 
 Commit sequence of one image (see ``docs/design.md`` for the crash matrix):
 
-1. lock the chain directory; load the manifest; remove what an interrupted
-   run left (files the manifest does not name, snapshots of ours it does
-   not name);
+1. lock the chain directory; load the manifest (layer files without one:
+   refused, see :func:`rbd2qcow2.manifest.load`); remove what an
+   interrupted run left (files the manifest's journal names, snapshots of
+   ours it does not name);
 2. choose the base: the latest point, if its RBD snapshot still exists with
    the recorded id and the image id is unchanged; otherwise a new full chain;
-3. create the RBD snapshot ``rbd2qcow2.<tag>.<point>``;
+3. journal the new point's file names in the manifest (``writing``), then
+   create the RBD snapshot ``rbd2qcow2.<tag>.<point>``;
 4. create ``<point>.qcow2.partial`` (backing file: the base, by relative
    name), export it through qemu-storage-daemon, pull the diff into it;
 5. flush, close the export, ``qemu-img check``, fsync, rename to
    ``<point>.qcow2``, fsync the directory (likewise the checksum file);
-6. commit the manifest (atomic replace);
+6. commit the manifest (atomic replace; the journal is cleared with it);
 7. remove the base's RBD snapshot: only now is it no longer needed.  A
    :class:`SnapshotJanitor` does this in the background, through the image
    handle the run used, while the next image is backed up.
@@ -336,11 +338,14 @@ class ImageBackup:
                 manifest = mf.Manifest(self.image, image_id, self.tag)
             elif manifest.target_tag != self.tag:
                 raise ChainDamaged(str(self.dir), "manifest belongs to another target")
-            self._clean_orphans(manifest, img)
+            manifest = self._clean_orphans(manifest, img)
             base = choose_base(manifest, img.snapshots(), image_id, full=self.opts.full, directory=self.dir)
             base, files = self._base_chain(manifest, base)
             logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
             point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
+            manifest = dataclasses.replace(manifest, writing=point_files(point_id))
+            mf.save(self.dir, manifest)  # the journal: the next run removes only what it names
+            crashpoint("after-journal")
             snap = img.create_snapshot(names.snapshot_name(self.tag, point_id))
             undo = functools.partial(self._abandon, img, point_id, snap.name)
             layer = self.dir / names.partial(names.layer_file(point_id))
@@ -380,7 +385,8 @@ class ImageBackup:
             point = self._write_point(daemon, started)
             # The last word before the commit: a signal, or a run's claim that lapsed, undoes the point.
             self.opts.interrupt()
-            mf.save(self.dir, started.manifest.with_point(point, started.image_id))
+            committed = started.manifest.with_point(point, started.image_id)
+            mf.save(self.dir, dataclasses.replace(committed, writing=()))
         except DiffMismatch as exc:
             started.abandon()
             self._flag_latest("no-incremental", str(exc))
@@ -402,14 +408,15 @@ class ImageBackup:
         return self._old_snapshots(started.img, started.snap.name)
 
     # -- step 1 ------------------------------------------------------------
-    def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> None:
-        remove_orphan_files(self.dir, manifest)
+    def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> mf.Manifest:
+        manifest = remove_orphan_files(self.dir, manifest)
         keep = manifest.latest.snapshot.name if manifest.latest else None
         for snap in img.snapshots():
             if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:
                 logger.warning("%s: removing snapshot %s left by an interrupted run", self.image, snap.name)
                 with contextlib.suppress(NotFound):  # removed meanwhile, by a run on another host
                     img.remove_snapshot(snap.name)
+        return manifest
 
     def _flag_latest(self, flag: str, reason: str) -> None:
         """Mark the latest point so that the next backup does not build on it."""
@@ -646,6 +653,12 @@ class ImageBackup:
             if data != conn.pread(end - start, start):
                 raise DiffMismatch(self.image, f"region {start}-{end} differs from the previous point")
         logger.info("%s: %d unchanged regions sampled, all equal to the snapshot", self.image, len(sample))
+
+
+def point_files(point_id: str) -> tuple[str, ...]:
+    """The files a backup of ``point_id`` creates: its layer and checksums, and their ``.partial`` files."""
+    files = (names.layer_file(point_id), names.sums_file(point_id))
+    return (*files, *(names.partial(f) for f in files))
 
 
 def _mid_transfer_fault(seq: int) -> None:

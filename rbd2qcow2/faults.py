@@ -25,6 +25,7 @@ STALL_FILE_ENV = "RBD2QCOW2_STALL_FILE"
 DROP_EXTENT_ENV = "RBD2QCOW2_DROP_EXTENT"
 STALL_SECONDS_ENV = "RBD2QCOW2_STALL_SECONDS"
 POINTS = (
+    "after-journal",
     "after-snapshot",
     "mid-transfer",
     "before-rename",

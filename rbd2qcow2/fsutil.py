@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import FULL_ERRNOS, STORAGE_ERRNOS, Locked, TargetError, storage_error
+from .errors import FULL_ERRNOS, STORAGE_ERRNOS, ChainDamaged, Locked, TargetError, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,30 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: Path, flags: int = 0) -> int:
+    """Open a chain's file for reading: never through a link, and only a regular file.
+
+    O_NONBLOCK keeps a planted FIFO from blocking the open; a device or
+    FIFO is then refused before anything reads from it.  ``flags`` are
+    added (O_DIRECT, for instance).  A link or a file of another type is
+    :class:`ChainDamaged`; any other failure stays the ``OSError`` it is.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ChainDamaged(str(path), "a symbolic link, not a regular file") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ChainDamaged(str(path), "not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -1,9 +1,14 @@
 """The manifest of one image's chain directory: schema, load, atomic save.
 
-``manifest.json`` is the single commit point of every operation on a chain:
-a layer file that the manifest does not name is an orphan that the next run
-removes.  It carries a SHA-256 of its own canonical content, so a flipped
-byte is reported as damage instead of being trusted.
+``manifest.json`` is the single commit point of every operation on a chain.
+Its journal (``writing``) names the files a run is about to create before it
+creates them; the next run removes only those (see :mod:`rbd2qcow2.chain`),
+so a file the manifest does not name is never removed on a guess.  It
+carries a SHA-256 of its own canonical content, so a flipped byte is
+reported as damage instead of being trusted.
+
+A directory that holds layer files but no manifest is damaged
+(:func:`load` says so) until ``rbd2qcow2 repair`` rebuilds the manifest.
 """
 
 from __future__ import annotations
@@ -11,17 +16,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ChainDamaged
-from .fsutil import atomic_write
-from .names import ImageSpec, is_point_id
+from .fsutil import atomic_write, open_regular
+from .names import ImageSpec, is_point_id, sums_file
 
 FORMAT = "rbd2qcow2-manifest"
 VERSION = 1
 NAME = "manifest.json"
+# The names of the files a chain holds and a run may leave: layers, checksums, and their
+# files under construction (``.partial`` of a backup, ``.merge`` of a merge).
+OWN_FILE = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.(qcow2|sums)(\.partial|\.merge)?")
+REPAIR_HINT = "rebuild it from the layer files with 'rbd2qcow2 repair'"
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,9 @@ class Manifest:
     target_tag: str
     points: tuple[Point, ...] = field(default=())
     pending: PendingMerge | None = None
+    # The journal: files a run is creating (saved before it creates them, cleared at its commit).
+    # Optional in the file, so manifests without it stay valid and older versions still read it.
+    writing: tuple[str, ...] = ()
 
     def point(self, point_id: str) -> Point:
         for p in self.points:
@@ -202,6 +216,8 @@ def to_dict(m: Manifest) -> dict[str, Any]:
         "points": [dataclasses.asdict(p) for p in m.points],
         "pending": None if m.pending is None else dataclasses.asdict(m.pending),
     }
+    if m.writing:
+        body["writing"] = list(m.writing)
     for p in body["points"]:
         p["flags"] = list(p["flags"])
     return body
@@ -249,6 +265,12 @@ def _pending(raw: dict[str, Any] | None) -> PendingMerge | None:
     )
 
 
+def _names(raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise TypeError("writing is not a list of file names")
+    return tuple(raw)
+
+
 def loads(data: bytes, where: str) -> Manifest:
     try:
         body = json.loads(data)
@@ -263,9 +285,12 @@ def loads(data: bytes, where: str) -> Manifest:
             target_tag=str(body["target_tag"]),
             points=tuple(_point(p) for p in body["points"]),
             pending=_pending(body.get("pending")),
+            writing=_names(body.get("writing", [])),
         )
     except ChainDamaged:
         raise
+    except RecursionError as exc:  # a deeply nested document, not a manifest
+        raise ChainDamaged(where, "unreadable manifest: nested too deeply") from exc
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ChainDamaged(where, f"unreadable manifest: {exc!r}") from exc
     _check_consistency(m, where)
@@ -281,10 +306,17 @@ def _check_consistency(m: Manifest, where: str) -> None:
             raise ChainDamaged(where, f"point {p.id} has unknown parent {p.parent}")
         if p.id in seen:
             raise ChainDamaged(where, f"duplicate point {p.id}")
+        if p.checksums is not None and p.checksums.file != sums_file(p.id):
+            raise ChainDamaged(where, f"point {p.id} names checksum file {p.checksums.file!r}")
         seen.add(p.id)
+    for name in m.writing:
+        if not OWN_FILE.fullmatch(name):
+            raise ChainDamaged(where, f"journal names {name!r}, not a file of a chain")
     pm = m.pending
     if pm is not None:
         ids = [*pm.drop, pm.child]
+        if pm.checksums.file != sums_file(pm.child):
+            raise ChainDamaged(where, f"pending merge names checksum file {pm.checksums.file!r}")
         if not pm.drop or any(i not in seen for i in ids):
             raise ChainDamaged(where, f"pending merge names unknown points {ids}")
         if pm.method not in ("copy", "commit"):
@@ -295,12 +327,32 @@ def _check_consistency(m: Manifest, where: str) -> None:
 
 
 def load(directory: Path) -> Manifest | None:
+    """The chain's manifest; None for a directory that holds no chain (no manifest, no layers).
+
+    Layer or checksum files without a manifest are a damaged chain
+    (:class:`ChainDamaged`): nothing may treat them as leftovers.
+    """
     path = directory / NAME
     try:
-        data = path.read_bytes()
+        with os.fdopen(open_regular(path), "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
+        stray = own_files(directory)
+        if stray:
+            shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+            why = f"{NAME} is missing but the directory holds {shown}; {REPAIR_HINT}"
+            raise ChainDamaged(str(directory), why) from None
         return None
     return loads(data, str(directory))
+
+
+def own_files(directory: Path) -> list[str]:
+    """The files of a chain's name shapes in ``directory`` (regular files only), sorted."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.name for e in entries if OWN_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False))
 
 
 def save(directory: Path, m: Manifest) -> None:

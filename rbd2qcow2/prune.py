@@ -16,10 +16,12 @@ Per image, under the chain lock:
    write the manifest without the dropped points and delete their files.
 
 Every step is idempotent and a crash at any point is finished forward by
-the next run that takes the lock (backup or prune); files the manifest does
-not name are orphans that the next run removes.  Pruning never removes an
-RBD snapshot, and the newest point (the base of the next backup) is always
-kept.
+the next run that takes the lock (backup or prune).  The files a merge
+builds are named in the manifest's journal (``writing``) before they are
+created, and the files of dropped points when the manifest drops them, so
+the next run removes what a kill left and nothing else.  Pruning never
+removes an RBD snapshot, and the newest point (the base of the next backup)
+is always kept.
 """
 
 from __future__ import annotations
@@ -263,11 +265,13 @@ def _finish(
     crashpoint("prune-after-rename")
     if pm.method == merge.COMMIT:
         pm = dataclasses.replace(pm, stored_bytes=(directory / child.file).stat().st_blocks * 512)
-    done = dataclasses.replace(m, pending=pm).finish_merge()
+    built = {path.name for path in merge.merge_files(directory, child)}
+    dropped = [m.point(d) for d in pm.drop]
+    writing = (*(n for n in m.writing if n not in built), *_files(dropped))
+    done = dataclasses.replace(m, pending=pm, writing=writing).finish_merge()
     _save_dropping(directory, done, target)
     crashpoint("prune-after-commit")
-    _unlink_points(directory, [m.point(d) for d in pm.drop])
-    return done
+    return _unlink_points(directory, done, dropped)
 
 
 def _save_dropping(directory: Path, m: mf.Manifest, target: Path | None) -> None:
@@ -284,11 +288,19 @@ def _save_dropping(directory: Path, m: mf.Manifest, target: Path | None) -> None
         mf.save(directory, m)
 
 
-def _unlink_points(directory: Path, points: Sequence[mf.Point]) -> None:
-    for p in points:
-        for name in (p.file, names.sums_file(p.id)):
-            (directory / name).unlink(missing_ok=True)
+def _files(points: Sequence[mf.Point]) -> tuple[str, ...]:
+    return tuple(name for p in points for name in (p.file, names.sums_file(p.id)))
+
+
+def _unlink_points(directory: Path, m: mf.Manifest, points: Sequence[mf.Point]) -> mf.Manifest:
+    """Delete the files of points ``m`` no longer has (its journal names them), then clear the journal."""
+    gone = _files(points)
+    for name in gone:
+        (directory / name).unlink(missing_ok=True)
     fsync_dir(directory)
+    m = dataclasses.replace(m, writing=tuple(n for n in m.writing if n not in gone))
+    mf.save(directory, m)
+    return m
 
 
 def apply(directory: Path, m: mf.Manifest, actions: Sequence[Action], opts: PruneOptions) -> mf.Manifest:
@@ -312,8 +324,10 @@ def _delete(directory: Path, m: mf.Manifest, action: Delete, target: Path) -> mf
     points = [m.point(d) for d in action.drop]
     for p in reversed(points):
         m = m.without(p.id)
+    # The journal names the dropped files: a kill before they are gone leaves them to the next run.
+    m = dataclasses.replace(m, writing=(*m.writing, *_files(points)))
     _save_dropping(directory, m, target)
-    _unlink_points(directory, points)
+    m = _unlink_points(directory, m, points)
     logger.info("%s: deleted %s", m.image, ", ".join(action.drop))
     return m
 
@@ -321,6 +335,11 @@ def _delete(directory: Path, m: mf.Manifest, action: Delete, target: Path) -> mf
 def _merge(
     directory: Path, m: mf.Manifest, action: Merge, daemon: qemu.StorageDaemon, opts: PruneOptions
 ) -> mf.Manifest:
+    # The journal names the merge's files before they are created: a kill before the entry
+    # below is recorded leaves them to the next run's clean-up.
+    built = tuple(path.name for path in merge.merge_files(directory, m.point(action.child)))
+    m = dataclasses.replace(m, writing=(*m.writing, *(n for n in built if n not in m.writing)))
+    mf.save(directory, m)
     shared = merge.linked_elsewhere(merge.commit_base(directory, m, action.drop))
     if merge.method(m, action.drop, action.child, shared=shared) == merge.COMMIT:
         pending = merge.journal_commit(directory, m, action.drop, action.child)
@@ -389,7 +408,7 @@ def prune_chain(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> 
                 return ImagePlan(image, {}, ())
             if not opts.dry_run:
                 m = recover(directory, m, target=opts.target)
-                remove_orphan_files(directory, m)
+                m = remove_orphan_files(directory, m)
             plan = plan_image(m, opts)
             if not opts.dry_run and plan.actions:
                 apply(directory, m, plan.actions, opts)
@@ -423,7 +442,7 @@ def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: i
             if m is None:
                 raise missing
             m = recover(directory, m, target=target)
-            remove_orphan_files(directory, m)
+            m = remove_orphan_files(directory, m)
             point = select(m, ref)
             if m.latest is not None and point.id == m.latest.id:
                 logger.warning("%s: deleting the newest point; the next backup is a full one", ref.image)

@@ -134,7 +134,8 @@ def check_header(h: Header, *, where: str, expected_backing: str | None, size: i
 def read_header(path: Path) -> Header:
     """Read and parse the header of ``path``; refuses links and non-regular files."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO in the layer's place must not block the open (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ChainDamaged(str(path), f"cannot open: {exc.strerror}") from exc
     try:
@@ -251,10 +252,12 @@ def host_clusters(path: Path) -> list[tuple[int, int, bool, int | None]] | None:
     or an offset out of bounds or unaligned.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         return _host_clusters(fd, str(path))
     finally:
         os.close(fd)

@@ -66,13 +66,18 @@ def chain_dir(root: Path, image: ImageSpec) -> Path:
 
 
 def iter_chains(root: Path) -> Iterator[tuple[Path, mf.Manifest | ChainDamaged]]:
-    """Every chain directory under the target with its manifest (or its damage)."""
-    for path in sorted(root.rglob(mf.NAME)):
-        if path.is_file() and not path.is_symlink():
-            try:
-                m = mf.load(path.parent)
-            except ChainDamaged as exc:
-                yield path.parent, exc
-                continue
-            if m is not None:
-                yield path.parent, m
+    """Every chain directory under the target with its manifest (or its damage).
+
+    A directory with layer files but no manifest is a chain too, reported
+    as damaged (see :func:`rbd2qcow2.manifest.load`).
+    """
+    dirs = {path.parent for path in root.rglob(mf.NAME) if path.is_file() and not path.is_symlink()}
+    dirs |= {path.parent for path in root.rglob("*.qcow2") if mf.OWN_FILE.fullmatch(path.name)}
+    for directory in sorted(dirs):
+        try:
+            m = mf.load(directory)
+        except ChainDamaged as exc:
+            yield directory, exc
+            continue
+        if m is not None:
+            yield directory, m

@@ -41,7 +41,16 @@ from .background import Later, in_parallel
 from .chain import orphan_files
 from .checksums import BLOCK_SIZE, file_sha256, read_records
 from .deepcheck import Checker, MappedChain, NullSink, check_point
-from .errors import Error, LayerCorrupt, Locked, NotFound, QemuUnavailable, StorageError, combined_exit_code
+from .errors import (
+    ChainDamaged,
+    Error,
+    LayerCorrupt,
+    Locked,
+    NotFound,
+    QemuUnavailable,
+    StorageError,
+    combined_exit_code,
+)
 from .extents import Chunk, Kind, sample_ranges
 from .fsutil import chain_lock
 from .progress import Progress
@@ -394,6 +403,8 @@ class ChainVerifier:
             actual = file_sha256(self.dir / p.checksums.file)
         except OSError as exc:
             return f"checksum file unreadable: {exc.strerror}"
+        except ChainDamaged as exc:  # a link, a FIFO or a device where the file should be
+            return f"checksum file unreadable: {exc.args[-1]}"
         if actual != p.checksums.sha256:
             return "checksum file does not match the manifest"
         return None

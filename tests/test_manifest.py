@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +355,172 @@ def test_a_flag_goes_with_its_last_reason() -> None:
     old = make_point(P1, flags=(mf.DAMAGED,))
     assert old.cleared(mf.DAMAGED, {"structure", "deep"}) == old  # who set it is unknown
     assert old.cleared(mf.DAMAGED, {"structure", "deep", ""}).flags == ()
+
+
+# -- paths read from a manifest -----------------------------------------------
+
+
+def _sums(name: object) -> dict[str, Any]:
+    return {"file": name, "algorithm": "xxh3-128", "block_size": 65536, "sha256": "ab" * 32}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("/dev/zero", id="absolute device"),
+        pytest.param("../x", id="dot-dot"),
+        pytest.param(f"../{P1}.sums", id="dot-dot with the right name"),
+        pytest.param(f"{P2}.sums", id="another point's file"),
+        pytest.param(f"{P1}.qcow2", id="the layer file"),
+        pytest.param(f"sub/{P1}.sums", id="in a subdirectory"),
+    ],
+)
+def test_checksum_file_must_be_the_points_own(name: str) -> None:
+    with pytest.raises(ChainDamaged, match="checksum file"):
+        mf.loads(edited_point(0, checksums=_sums(name)), "chain")
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../x", f"{P3}.sums", f"{P4}.sums.merge"])
+def test_pending_checksum_file_must_be_the_childs(name: str) -> None:
+    body = json.loads(DATA)
+    body["pending"] = {
+        "child": P4,
+        "drop": [P3],
+        "checksums": _sums(name),
+        "stored_bytes": 0,
+        "data_bytes": 0,
+        "zero_bytes": 0,
+        "method": "commit",
+    }
+    with pytest.raises(ChainDamaged, match="checksum file"):
+        mf.loads(resign(body), "chain")
+    body["pending"]["checksums"] = _sums(f"{P4}.sums")
+    assert mf.loads(resign(body), "chain").pending is not None
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_deeply_nested_json_is_damage(depth: int) -> None:
+    with pytest.raises(ChainDamaged, match="unreadable"):
+        mf.loads(b"[" * depth + b"]" * depth, "chain")
+    with pytest.raises(ChainDamaged, match="unreadable"):
+        mf.loads(b'{"sha256": "0", "points": ' + b"[" * depth + b"]" * depth + b"}", "chain")
+
+
+# -- the journal ----------------------------------------------------------------
+
+
+def test_journal_round_trip_and_optional() -> None:
+    m = dataclasses.replace(sample(), writing=("20240304T000000Z.qcow2.partial", "20240304T000000Z.sums"))
+    assert mf.loads(mf.dumps(m), "here") == m
+    assert "writing" not in json.loads(mf.dumps(sample()))  # an empty journal is not written
+    assert json.loads(mf.dumps(m))["version"] == mf.VERSION == 1  # older versions read it and ignore it
+
+
+@pytest.mark.parametrize(
+    "writing",
+    [["../x"], ["/etc/passwd"], [mf.NAME], ["lock"], [f"{P1}.qcow2/x"], "x", [1], {"a": 1}],
+)
+def test_journal_names_only_chain_files(writing: object) -> None:
+    with pytest.raises(ChainDamaged):
+        mf.loads(edited(writing=writing), "chain")
+
+
+def test_missing_manifest_with_layers_is_damage(tmp_path: Path) -> None:
+    assert mf.load(tmp_path) is None  # nothing here: a new chain
+    (tmp_path / "lock").touch()
+    (tmp_path / ".manifest.json.tmp").touch()
+    assert mf.load(tmp_path) is None
+    (tmp_path / f"{P1}.sums").touch()
+    with pytest.raises(ChainDamaged, match="rbd2qcow2 repair") as info:
+        mf.load(tmp_path)
+    assert info.value.exit_code == 65
+    assert f"{P1}.sums" in str(info.value)
+
+
+# -- clean-up by the journal; files opened for reading ---------------------------
+
+
+def test_clean_up_removes_only_what_the_journal_names(tmp_path: Path) -> None:
+    from rbd2qcow2.chain import remove_orphan_files
+
+    new, stray = "20240305T000000Z", "20240306T000000Z"
+    journal = (f"{new}.qcow2.partial", f"{new}.sums.partial", f"{new}.qcow2", f"{new}.sums")
+    m = dataclasses.replace(sample(), writing=journal)
+    mf.save(tmp_path, m)
+    kept = [f"{p.id}.qcow2" for p in m.points] + [f"{P1}.sums", f"{stray}.qcow2", f"{stray}.sums.partial"]
+    for name in [*kept, f"{new}.qcow2.partial", f"{new}.sums", ".manifest.json.tmp"]:
+        (tmp_path / name).write_bytes(name.encode())
+    hashes = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in kept}
+    cleaned = remove_orphan_files(tmp_path, m)
+    assert cleaned.writing == () and mf.load(tmp_path) == cleaned
+    left = {p.name for p in tmp_path.iterdir()} - {mf.NAME}
+    assert left == set(kept)  # the unnamed files of our shape stay, untouched
+    assert {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in kept} == hashes
+
+
+def test_clean_up_never_removes_a_named_file(tmp_path: Path) -> None:
+    from rbd2qcow2.chain import remove_orphan_files
+
+    m = dataclasses.replace(sample(), writing=(f"{P1}.qcow2", f"{P1}.sums"))  # a journal naming committed files
+    mf.save(tmp_path, m)
+    for name in m.writing:
+        (tmp_path / name).write_bytes(b"data")
+    remove_orphan_files(tmp_path, m)
+    assert all((tmp_path / name).read_bytes() == b"data" for name in m.writing)
+
+
+@pytest.fixture
+def alarm() -> Any:
+    """Turns a hang into a failure: a FIFO opened for reading blocks until a writer comes."""
+    import signal
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("blocked on a FIFO or device")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "directory"])
+def test_chain_files_are_opened_only_as_regular_files(tmp_path: Path, kind: str, alarm: None) -> None:
+    from rbd2qcow2 import merge
+    from rbd2qcow2.checksums import file_sha256, read_records
+    from rbd2qcow2.deepcheck import MappedChain
+    from rbd2qcow2.qcow2 import read_header
+
+    path = tmp_path / f"{P1}.sums"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    opens: list[Callable[[], object]] = [
+        lambda: file_sha256(path),
+        lambda: list(read_records(path)),
+        lambda: read_header(path),
+        lambda: os.close(merge.open_for_read_back(path, direct=True)),
+        lambda: MappedChain([path]).close(),
+    ]
+    for open_it in opens:
+        with pytest.raises(ChainDamaged):
+            open_it()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "directory"])
+def test_manifest_itself_is_read_only_as_a_regular_file(tmp_path: Path, kind: str, alarm: None) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    mf.save(elsewhere, sample())  # a valid manifest, reached only through a link
+    path = tmp_path / mf.NAME
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(elsewhere / mf.NAME)
+    with pytest.raises(ChainDamaged, match="regular file"):
+        mf.load(tmp_path)

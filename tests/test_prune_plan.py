@@ -354,11 +354,16 @@ def test_merge_extents_empty() -> None:
 
 # -- Manifest: finish_merge, without, children, pending consistency ----------------------------
 
-NEW_SUMS = mf.Checksums("merged.sums", "xxh3-128", 65536, "ef" * 32)
+
+def new_sums(child: str) -> mf.Checksums:
+    """The merged checksums of ``child``: a manifest accepts no other file name for them."""
+    return mf.Checksums(f"{child}.sums", "xxh3-128", 65536, "ef" * 32)
 
 
 def pending(drop: tuple[str, ...], child: str) -> mf.PendingMerge:
-    return mf.PendingMerge(child=child, drop=drop, checksums=NEW_SUMS, stored_bytes=111, data_bytes=222, zero_bytes=333)
+    return mf.PendingMerge(
+        child=child, drop=drop, checksums=new_sums(child), stored_bytes=111, data_bytes=222, zero_bytes=333
+    )
 
 
 def test_finish_merge_incremental() -> None:
@@ -369,7 +374,7 @@ def test_finish_merge_incremental() -> None:
     old, new = m.point(D), done.point(D)
     assert new.parent == A
     assert new.kind == "incremental"
-    assert new.checksums == NEW_SUMS
+    assert new.checksums == new_sums(D)
     assert (new.stored_bytes, new.data_bytes, new.zero_bytes) == (111, 222, 333)
     unchanged = ("id", "file", "created", "size", "image_id", "snapshot", "flags")
     assert all(getattr(new, f) == getattr(old, f) for f in unchanged)
@@ -385,7 +390,7 @@ def test_finish_merge_of_the_base_makes_a_full_point() -> None:
     assert done.point(C).parent is None
     assert done.point(C).kind == "full"
     assert done.point(C).is_full
-    assert done.point(C).checksums == NEW_SUMS
+    assert done.point(C).checksums == new_sums(C)
     assert mf.loads(mf.dumps(done), "here") == done
 
 
