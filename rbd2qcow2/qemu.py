@@ -586,11 +586,13 @@ class StorageDaemon:
             yield
         except Exception as exc:
             if self._expired is not None:
+                self.kill()  # reaped before the caller goes on
                 raise QemuError(f"{self._expired}; qemu-storage-daemon killed. {self._log_tail()}") from exc
             raise
         finally:
             timer.cancel()
         if self._expired is not None:
+            self.kill()
             raise QemuError(f"{self._expired}; qemu-storage-daemon killed. {self._log_tail()}")
 
     def _expire(self, why: str) -> None:

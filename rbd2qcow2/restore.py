@@ -299,6 +299,16 @@ def _restore_to_device(loc: Located, dev: Path, *, parallel: int, progress: bool
 def _write_qcow2(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: int, progress: bool) -> None:
     """A flat qcow2 at ``tmp``, written through a writable export of its own (data only), then fsynced."""
     qcow2.create_layer(tmp, loc.point.size, None, replace=False)
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with _early_writeback(fd):  # qemu writes through the page cache: the disk works meanwhile
+            _fill_qcow2(loc, tmp, check, parallel=parallel, progress=progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fill_qcow2(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: int, progress: bool) -> None:
     with qemu.storage_daemon() as daemon:
         try:
             out = daemon.export_chain([tmp], writable=True)
@@ -315,11 +325,6 @@ def _write_qcow2(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel:
         except BaseException:
             daemon.kill()
             raise
-    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _FileSink:
@@ -465,7 +470,7 @@ def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool,
     exists = cluster.exists(dest)
     if exists and not force:
         raise TargetError(f"image {dest} exists (use --force to overwrite it)")
-    _leftovers(cluster, dest)
+    stale = _leftovers(cluster, dest)
     check = block_check(loc)
     temp = ImageSpec(dest.pool, dest.namespace, f"{dest.name}{TEMP_MARK}{secrets.token_hex(4)}")
     cluster.create_image(temp, loc.point.size)
@@ -476,6 +481,8 @@ def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool,
     except BaseException:
         _remove_quietly(cluster, temp)
         raise
+    for spec in stale:  # a killed client's watch on them lasts about 30 s: try again
+        _remove_quietly(cluster, spec, "left by an interrupted restore")
 
 
 def _put_in_place(cluster: Cluster, temp: ImageSpec, dest: ImageSpec, *, replace: bool) -> None:
@@ -495,26 +502,35 @@ def _put_in_place(cluster: Cluster, temp: ImageSpec, dest: ImageSpec, *, replace
         logger.warning("the replaced image is kept as %s: cannot remove it (%s)", aside, exc)
 
 
-def _leftovers(cluster: Cluster, dest: ImageSpec) -> None:
-    """Images left by killed restores into ``dest``: our temporary ones are removed, replaced ones reported."""
+def _leftovers(cluster: Cluster, dest: ImageSpec) -> list[ImageSpec]:
+    """Images left by killed restores into ``dest``: our temporary ones are removed, replaced ones reported.
+
+    Returns the temporary ones that could not be removed yet.
+    """
+    stale = []
     for spec in cluster.list_images(dest.pool, dest.namespace):
         if spec.name.startswith(dest.name + TEMP_MARK):
             logger.warning("%s: removing %s, left by an interrupted restore", dest, spec.name)
-            _remove_quietly(cluster, spec)
+            try:
+                cluster.remove_image(spec)
+            except Error as exc:
+                logger.info("cannot remove %s yet (%s); trying again after the restore", spec, exc)
+                stale.append(spec)
         elif spec.name.startswith(dest.name + ASIDE_MARK):
             logger.warning(
                 "%s: %s holds the image an interrupted restore --force replaced; remove it once not needed",
                 dest,
                 spec.name,
             )
+    return stale
 
 
-def _remove_quietly(cluster: Cluster, dest: ImageSpec) -> None:
+def _remove_quietly(cluster: Cluster, dest: ImageSpec, what: str = "partly restored") -> None:
     try:
         cluster.remove_image(dest)
-        logger.info("removed the partly restored image %s", dest)
+        logger.info("removed the %s image %s", what, dest)
     except Exception as exc:
-        logger.error("could not remove the partly restored image %s: %s", dest, exc)
+        logger.error("could not remove the %s image %s (remove it by hand): %s", what, dest, exc)
 
 
 def _transfer_to_rbd(

@@ -56,8 +56,8 @@ def rbd_export_head(ceph: Ceph, name: str, out: Path) -> Path:
     return out
 
 
-def restore(target: Path, ref: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("restore", "--target", str(target), ref, "--no-progress", *args)  # type: ignore[no-any-return]
+def restore(target: Path, ref: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return run_cli("restore", "--target", str(target), ref, "--no-progress", *args, timeout=timeout)  # type: ignore[no-any-return]
 
 
 def test_every_point_restores_everywhere(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:
