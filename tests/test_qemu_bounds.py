@@ -20,7 +20,7 @@ from rbd2qcow2.restore import _Copier
 @pytest.fixture
 def short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu, "QMP_TIMEOUT", 1.0)
-    monkeypatch.setattr(qemu, "QUIT_TIMEOUT", 1.0)
+    monkeypatch.setattr(qemu, "QUIT_TIMEOUT", 1.0, raising=False)  # absent before the bounds
 
 
 def test_a_command_to_a_stuck_daemon_fails_and_kills_it(short_waits: None) -> None:
