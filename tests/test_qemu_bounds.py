@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from rbd2qcow2 import qemu
+from rbd2qcow2.copier import Copier
 from rbd2qcow2.errors import QemuError
 from rbd2qcow2.extents import Chunk, Kind
-from rbd2qcow2.restore import _Copier
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ class _Writes:
 
 def test_copier_gives_up_on_a_stall_and_aborts() -> None:
     reader = _Stuck()
-    copier = _Copier(
+    copier = Copier(
         reader.open,
         _Writes(),
         readers=2,
