@@ -432,8 +432,10 @@ def _remove_stale_dirs(tmp: Path) -> None:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # SIGKILL, not SIGTERM: qemu handles SIGTERM in its main loop, which a stuck daemon never
+    # runs, so it would outlive us holding its image locks; what it wrote is the commit protocol's.
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)

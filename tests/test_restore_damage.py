@@ -27,6 +27,7 @@ from rbd2qcow2.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 TIMEOUT = 300  # a restore that hangs fails the test instead of holding it
+RESTORE = [sys.executable, "-m", "rbd2qcow2", "restore"]
 
 
 def _chain(ceph: Ceph, target: Path, name: str, tmp: Path) -> tuple[list[tuple[str, Path]], Path, mf.Manifest]:
@@ -329,3 +330,37 @@ def test_sigint_with_a_stuck_daemon_ends_promptly(
             proc.wait()
     assert not [i for i in _rbd_images(ceph) if i.startswith(f"{image_name}-new")]
     assert not (tmp_path / "out.raw").exists() and not (tmp_path / ".out.raw.partial").exists()
+
+
+def test_killed_restore_takes_a_stuck_daemon_with_it(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:
+    """SIGKILL of a restore whose qemu stopped answering: qemu does not outlive it."""
+    ceph.create(image_name, 64 * MiB)
+    with ceph.image(image_name) as img:
+        img.write(os.urandom(32 * MiB), 0)
+    ref = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}").stdout.strip()
+    stall = tmp_path / "stall"
+    proc = subprocess.Popen(
+        [*RESTORE, "-t", str(target), ref, "--no-progress", "--to", f"rbd:{ceph.pool}/{image_name}-new"],
+        cwd=REPO,
+        env=dict(os.environ, **{STALL_ENV: "mid-restore", STALL_FILE_ENV: str(stall)}),
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not stall.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        qsd = _daemon_of(proc.pid)
+        os.kill(qsd, signal.SIGSTOP)
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{qsd}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{qsd}").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(qsd, signal.SIGKILL)
