@@ -37,6 +37,7 @@ class BlockCheck:
 
     def __init__(self, ref: str, digests: dict[int, bytes], size: int) -> None:
         self._ref = ref
+        self._size = size
         self._checker = Checker(digests, size)
 
     def data(self, offset: int, data: bytes | bytearray) -> None:
@@ -58,19 +59,19 @@ class BlockCheck:
                 last += 1
             raise ChainDamaged(
                 self._ref,
-                f"bytes {first * BLOCK_SIZE}-{(last + 1) * BLOCK_SIZE} read from the chain differ from the "
-                "checksums recorded when they were backed up; nothing restored",
+                f"bytes {first * BLOCK_SIZE}-{min((last + 1) * BLOCK_SIZE, self._size)} read from the chain "
+                "differ from the checksums recorded when they were backed up; restore stopped",
             )
 
 
 class Source(Protocol):
-    """What a reader thread of :class:`_Copier` reads from (an NBD :class:`Connection`)."""
+    """What a reader thread of :class:`Copier` reads from (an NBD :class:`Connection`)."""
 
     def read_buffer(self, offset: int, length: int) -> bytes | bytearray: ...
 
 
 class Sink(Protocol):
-    """Where :class:`_Copier` writes: an RBD image's :class:`AsyncWrites`, a file, an NBD export."""
+    """Where :class:`Copier` writes: an RBD image's :class:`AsyncWrites`, a file, an NBD export."""
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
 
