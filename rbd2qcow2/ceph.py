@@ -163,6 +163,13 @@ class Cluster:
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             _wrap(f"create image {spec}", lambda: rbd.RBD().create(ioctx, spec.name, size, old_format=False))
 
+    def rename_image(self, src: ImageSpec, dest: ImageSpec) -> None:
+        """Rename an image within its pool and namespace."""
+        if (src.pool, src.namespace) != (dest.pool, dest.namespace):
+            raise ValueError("an image is renamed within its pool and namespace")
+        with self.ioctx(src.pool, src.namespace) as ioctx:
+            _wrap(f"rename image {src} to {dest.name}", lambda: rbd.RBD().rename(ioctx, src.name, dest.name))
+
     def remove_image(self, spec: ImageSpec) -> None:
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             _wrap(f"remove image {spec}", lambda: rbd.RBD().remove(ioctx, spec.name))

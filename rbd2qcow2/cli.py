@@ -213,7 +213,7 @@ def _add_restore_commands(sub: argparse._SubParsersAction[_Parser], common: _Par
         "-p",
         type=_positive,
         default=4,
-        help="reader threads for an RBD restore (default 4); librbd keeps the writes in flight",
+        help="reader threads (default 4)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_ceph(r)
@@ -249,7 +249,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
             )
         print(f"{loc.ref} -> rbd:{dest}")
     else:
-        restore.restore_file(loc, Path(args.to), args.format or "raw", force=args.force)
+        restore.restore_file(
+            loc,
+            Path(args.to),
+            args.format or "raw",
+            force=args.force,
+            parallel=args.parallel,
+            progress=not args.no_progress,
+        )
         print(f"{loc.ref} -> {args.to}")
     return 0
 

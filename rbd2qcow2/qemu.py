@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,16 +39,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-QMP_TIMEOUT = 30.0
+QMP_TIMEOUT = 30.0  # seconds for the daemon's start and for one QMP command
+QEMU_IMG_TIMEOUT = 1800.0  # seconds for one qemu-img check, info or map (a deep chain's map is the slowest)
+QUIT_TIMEOUT = 10.0  # seconds for the daemon to quit, then as long after SIGTERM, then SIGKILL
+JOB_STALL_TIMEOUT = 300.0  # seconds a block job may go without progress
 PREALLOCATE_SIZE = 128 << 20  # how far qemu's preallocate filter extends a layer file at a time (its default)
 PREALLOCATE_ALIGN = 1 << 20  # the filter's prealloc-align default
 
 
-def _run(args: Sequence[str], *, what: str) -> str:
+def _subprocess(args: Sequence[str], *, pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[str]:
+    """Run a qemu tool to its end, at most :data:`QEMU_IMG_TIMEOUT` (then it is killed)."""
     try:
-        proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
+        return subprocess.run(
+            list(args), capture_output=True, text=True, check=False, pass_fds=tuple(pass_fds), timeout=QEMU_IMG_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise QemuError(f"{args[0]} did not finish in {QEMU_IMG_TIMEOUT:.0f} s (killed) [{' '.join(args)}]") from exc
     except OSError as exc:
         raise QemuUnavailable(f"cannot run {args[0]}: {exc.strerror}") from exc
+
+
+def _run(args: Sequence[str], *, what: str) -> str:
+    proc = _subprocess(args)
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip()
         raise QemuError(f"{what} failed (exit {proc.returncode}): {msg} [{' '.join(args)}]")
@@ -231,12 +244,7 @@ def check_layer(path: Path) -> dict[str, Any]:
 
 def _check(path: Path) -> subprocess.CompletedProcess[str]:
     opts = {"driver": "qcow2", "file": file_node(path), "backing": None}
-    try:
-        return subprocess.run(
-            ["qemu-img", "check", "--output=json", json_filename(opts)], capture_output=True, text=True, check=False
-        )
-    except OSError as exc:
-        raise QemuUnavailable(f"cannot run qemu-img: {exc.strerror}") from exc
+    return _subprocess(["qemu-img", "check", "--output=json", json_filename(opts)])
 
 
 def _checks_a_sound_layer() -> bool:
@@ -314,11 +322,7 @@ def map_own(path: Path) -> list[HostExtent]:
 
 
 def _run_map(opts: dict[str, Any], pass_fds: Sequence[int], *, own: bool = False) -> list[HostExtent]:
-    args = ["qemu-img", "map", "--output=json", json_filename(opts)]
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, check=False, pass_fds=tuple(pass_fds))
-    except OSError as exc:
-        raise QemuUnavailable(f"cannot run qemu-img: {exc.strerror}") from exc
+    proc = _subprocess(["qemu-img", "map", "--output=json", json_filename(opts)], pass_fds=pass_fds)
     if proc.returncode != 0:
         raise QemuError(f"qemu-img map failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return _host_extents(proc.stdout, own=own)
@@ -373,6 +377,7 @@ class HostMap:
         self._pos = 0
         self._rest = b""
         self._ended = False
+        self._deadline = time.monotonic() + QEMU_IMG_TIMEOUT
         args = ["qemu-img", "map", "--output=json", json_filename(chain_options(files))]
         try:
             self._proc = subprocess.Popen(
@@ -401,6 +406,9 @@ class HostMap:
                 self._end()
             elif not wait:
                 return []
+            elif time.monotonic() > self._deadline:
+                self.close()
+                raise QemuError(f"qemu-img map did not finish in {QEMU_IMG_TIMEOUT:.0f} s (killed)")
             else:
                 time.sleep(0.002)
         return None
@@ -424,8 +432,9 @@ class HostMap:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-        self._out.close()
-        self._err.close()
+        if not self._out.closed:
+            self._out.close()
+            self._err.close()
 
 
 def _daemon_env() -> dict[str, str]:
@@ -471,8 +480,10 @@ def _remove_stale_dirs(tmp: Path) -> None:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # SIGKILL, not SIGTERM: qemu handles SIGTERM in its main loop, which a stuck daemon never
+    # runs, so it would outlive us holding its image locks; what it wrote is the commit protocol's.
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)
@@ -505,6 +516,8 @@ class StorageDaemon:
         self._ready = False
         self._failed: str | None = None  # why the daemon never came up: every later use says so
         self._count = 0
+        self._expired: str | None = None  # the wait that ran out of time (the daemon was killed)
+        self._lock = threading.Lock()
 
     def __enter__(self) -> StorageDaemon:
         try:
@@ -565,7 +578,8 @@ class StorageDaemon:
         try:
             conn = self._accept()
             self._qmp = QEMUMonitorProtocol(conn)
-            self._qmp.connect()
+            with self.bounded("the QMP greeting", QMP_TIMEOUT):
+                self._qmp.connect()
         except QemuError as exc:
             self._failed = str(exc)
             raise QemuUnavailable(self._failed) from exc
@@ -604,13 +618,59 @@ class StorageDaemon:
         except OSError:
             return ""
 
+    @contextlib.contextmanager
+    def bounded(self, what: str, seconds: float) -> Iterator[None]:
+        """Run the body (a wait on the daemon) for at most ``seconds``; then kill the daemon.
+
+        A daemon that stops answering (its main loop stuck) is killed, so the
+        body's wait ends with an error (its connections close); that error
+        becomes :class:`QemuError` naming ``what`` and the daemon's log.
+        """
+        if self._expired is not None:  # killed already: nothing to wait for
+            yield
+            return
+        timer = threading.Timer(seconds, self._expire, (f"{what} did not finish in {seconds:.0f} s",))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except Exception as exc:
+            if self._expired is not None:
+                self.kill()  # reaped before the caller goes on
+                raise QemuError(f"{self._expired}; qemu-storage-daemon killed. {self._log_tail()}") from exc
+            raise
+        finally:
+            timer.cancel()
+        if self._expired is not None:
+            self.kill()
+            raise QemuError(f"{self._expired}; qemu-storage-daemon killed. {self._log_tail()}")
+
+    def _expire(self, why: str) -> None:
+        with self._lock:
+            if self._expired is None:
+                self._expired = why
+        logger.error("qemu-storage-daemon: %s; killing it", why)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon now (a caller that gives up, a wait that ran out): its clients' requests fail at once."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(QUIT_TIMEOUT)
+
     def cmd(self, command: str, **args: Any) -> Any:
         from qemu.qmp import QMPError
 
+        if self._expired is not None:
+            raise QemuError(f"{self._expired}; qemu-storage-daemon was killed")
         qmp = self._connect()
         try:
-            reply = qmp.cmd_raw(command, args or None)
-        except (QMPError, OSError) as exc:
+            with self.bounded(f"QMP {command}", QMP_TIMEOUT):
+                reply = qmp.cmd_raw(command, args or None)
+        except (QMPError, OSError, EOFError) as exc:
             raise QemuError(f"QMP {command} failed: {exc!r} {self._log_tail()}") from exc
         if "error" in reply:
             raise QemuError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
@@ -722,16 +782,23 @@ class StorageDaemon:
             raise
 
     def _wait_job(self, job: str, progress: Callable[[int], None] | None) -> None:
+        """Until the job concluded; a job without progress for :data:`JOB_STALL_TIMEOUT` is given up (daemon killed)."""
         done = 0
+        moved = time.monotonic()
         while True:
             found = [j for j in self.cmd("query-jobs") if j.get("id") == job]
             if not found:
                 raise QemuError(f"block job {job} vanished")
             status = found[0]
             current = int(status.get("current-progress", 0))
-            if progress is not None and current > done:
-                progress(current - done)
+            if current > done:
+                if progress is not None:
+                    progress(current - done)
                 done = current
+                moved = time.monotonic()
+            elif time.monotonic() - moved > JOB_STALL_TIMEOUT:
+                self._expire(f"block job {job} made no progress in {JOB_STALL_TIMEOUT:.0f} s")
+                raise QemuError(f"block job {job} made no progress in {JOB_STALL_TIMEOUT:.0f} s; daemon killed")
             if status["status"] == "ready":
                 self.cmd("job-complete", id=job)
             elif status["status"] == "concluded":
@@ -747,8 +814,12 @@ class StorageDaemon:
         """Wait until qemu sends an event (a job changed state) or ``timeout`` passes."""
         import asyncio
 
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            self._connect().pull_event(wait=timeout)
+        qmp = self._connect()
+        with (
+            self.bounded("waiting for a QMP event", timeout + QMP_TIMEOUT),
+            contextlib.suppress(asyncio.TimeoutError, TimeoutError),
+        ):
+            qmp.pull_event(wait=timeout)
 
     def remove_export(self, export: Export) -> None:
         """Close an export and its nodes; waits until qemu has let go of the files."""
@@ -791,7 +862,8 @@ class StorageDaemon:
         ask_at = time.monotonic() + 0.25
         while time.monotonic() < deadline:
             try:
-                event = qmp.pull_event(wait=0.05)
+                with self.bounded(f"waiting for export {name} to close", QMP_TIMEOUT):
+                    event = qmp.pull_event(wait=0.05)
             except TimeoutError:
                 event = None
             except (QMPError, OSError) as exc:
@@ -806,24 +878,25 @@ class StorageDaemon:
         raise QemuError(f"export {name} was not deleted in time")
 
     def close(self) -> None:
-        """Quit the daemon (QMP ``quit``, then SIGTERM, then SIGKILL) and clean up."""
+        """Quit the daemon (QMP ``quit``, then SIGTERM, then SIGKILL), each wait bounded, and clean up."""
         if self._proc is not None and self._proc.poll() is None:
-            if self._ready:
+            if self._ready and self._expired is None:
                 with contextlib.suppress(QemuError):
                     self.cmd("quit")
             else:
                 self._proc.terminate()
             try:
-                self._proc.wait(10)
+                self._proc.wait(QUIT_TIMEOUT)
             except subprocess.TimeoutExpired:
+                logger.warning("qemu-storage-daemon did not quit in %.0f s; terminating it", QUIT_TIMEOUT)
                 self._proc.terminate()
                 try:
-                    self._proc.wait(5)
+                    self._proc.wait(QUIT_TIMEOUT)
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
         if self._qmp is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), self.bounded("closing the QMP connection", QMP_TIMEOUT):
                 self._qmp.close()
             self._qmp = None
         if self._listener is not None:
@@ -844,11 +917,3 @@ class StorageDaemon:
 def storage_daemon(nbd_socket: Path | None = None, root: Path | None = None) -> Iterator[StorageDaemon]:
     with StorageDaemon(nbd_socket, root) as daemon:
         yield daemon
-
-
-def convert(files: Sequence[Path], out: Path, fmt: str) -> None:
-    """Flatten a chain (base first) into ``out`` (raw or qcow2) with qemu-img convert."""
-    args = ["qemu-img", "convert", "-W", "-m", "16", "-O", fmt]
-    if fmt == "qcow2":
-        args += ["-o", "compat=1.1"]
-    _run([*args, json_filename(chain_options(files)), str(out)], what="qemu-img convert")

@@ -1,8 +1,14 @@
-"""Restores: a point into an RBD image, a raw file or a flat qcow2; overlays; NBD serving.
+"""Restores: a point into an RBD image, a raw file, a block device or a flat qcow2; overlays; NBD serving.
 
 Every path checks the chain's headers against the manifest before qemu
 opens a file (:func:`rbd2qcow2.chain.checked_chain`) and reads the data
-through qemu, never by parsing qcow2.  File restores need no Ceph at all.
+through qemu, never by parsing qcow2.  Restores read the point through a
+qemu NBD export of its chain and check every block they copy against the
+checksums recorded when it was backed up, in the same pass: a block that
+differs fails the restore (:class:`ChainDamaged`, exit 65) and nothing is
+left under the destination's name.  Overlays and NBD exports hand out the
+chain itself, so they first run the structural checks (:func:`check_structure`).
+File restores need no Ceph at all.
 """
 
 from __future__ import annotations
@@ -10,40 +16,42 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
+import secrets
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import manifest as mf
 from . import qcow2, qemu
+from .background import in_parallel
 from .chain import checked_chain
-from .errors import NotFound, QemuError, StorageError, TargetError, UsageError
-from .extents import Chunk, Extent, Kind, align_down, plan, windows
+from .checksums import BLOCK_SIZE, file_sha256, read_records
+from .copier import BlockCheck, Copier, Sink, allocated_chunks
+from .errors import ChainDamaged, Error, NotFound, QemuError, StorageError, TargetError, UsageError
 from .faults import crashpoint
 from .fsutil import DIR_MODE, FILE_MODE, fsync_dir
 from .names import ImageSpec, parse_spec
-from .nbdio import Connection
+from .nbdio import Connection, ConnectionPool
 from .progress import Progress
 from .refs import parse_ref, select
 from .target import chain_dir, open_target
 
 if TYPE_CHECKING:  # ceph (rados, rbd) is imported only by the RBD paths
-    from .ceph import AsyncWrites, Cluster
+    from .ceph import Cluster
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("raw", "qcow2")
-MAP_WINDOW = 1 << 30
 WRITE_DEPTH = 32  # RBD writes in flight at most (rbd import keeps 10)
 WRITE_BYTES = 64 << 20  # and bytes in flight at most
-ZERO_BLOCK = 64 << 10  # zero detection granularity: the qcow2 cluster
-POLL = 0.1
+FILE_CHUNK = 4 << 20  # bytes per read of a file restore
 WRITEBACK_INTERVAL = 0.05
-JOIN_TIMEOUT = 120.0
+TEMP_MARK = ".rbd2qcow2-restoring-"  # an RBD restore writes <name><mark><random>, renamed at the end
+ASIDE_MARK = ".rbd2qcow2-replaced-"  # --force: the old image under this name until the new one is in place
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Located:
     ref: str
     point: mf.Point
     files: list[Path]
+    directory: Path
+    manifest: mf.Manifest
 
 
 def locate(target: Path, ref_text: str) -> Located:
@@ -72,7 +82,8 @@ def locate(target: Path, ref_text: str) -> Located:
             point.id,
             ", ".join(flagged),
         )
-    return Located(f"{ref.image}@{point.id}", point, checked_chain(directory, m, point.id))
+    files = checked_chain(directory, m, point.id)
+    return Located(f"{ref.image}@{point.id}", point, files, directory, m)
 
 
 def parse_rbd_dest(text: str) -> ImageSpec:
@@ -83,28 +94,100 @@ def parse_rbd_dest(text: str) -> ImageSpec:
     return ImageSpec(sel.pool, sel.namespace or "", sel.name)
 
 
+# -- checks -----------------------------------------------------------------------
+
+
+def check_structure(loc: Located, *, parallel: int = 4) -> None:
+    """What a chain handed out whole must pass: ``qemu-img check`` of every layer, and checksum files
+    as the manifest recorded them.  Headers were checked by :func:`locate`."""
+    chain = loc.manifest.chain_of(loc.point.id)
+    for p in chain:
+        if p.checksums is None:
+            continue
+        try:
+            actual = file_sha256(loc.directory / p.checksums.file)
+        except OSError as exc:
+            raise ChainDamaged(loc.ref, f"{p.checksums.file}: cannot read: {exc.strerror or exc}") from exc
+        if actual != p.checksums.sha256:
+            raise ChainDamaged(loc.ref, f"{p.checksums.file}: checksum file does not match the manifest")
+
+    def check(path: Path) -> Error | None:
+        try:
+            qemu.check_layer(path)
+        except Error as exc:
+            return exc
+        return None
+
+    for path, error in zip(loc.files, in_parallel(check, loc.files, parallel, "check"), strict=True):
+        if error is not None:
+            if not isinstance(error, QemuError) or "found errors" not in str(error):
+                raise error
+            raise ChainDamaged(loc.ref, f"{path.name}: qemu-img check found errors") from error
+
+
+def expected_digests(loc: Located) -> dict[int, bytes] | None:
+    """The expected digest of every block some layer of the chain recorded; None when a layer
+    recorded none (older manifests), as the point then cannot be checked.
+
+    A point's block is the record of the newest layer of its chain that
+    recorded it (a layer smaller than its parent cuts off its parent's
+    blocks beyond its size), or zeros; see :meth:`verify.ChainVerifier.expected`.
+    """
+    chain = loc.manifest.chain_of(loc.point.id)
+    if any(p.checksums is None for p in chain):
+        return None
+    digests: dict[int, bytes] = {}
+    size = 0
+    for layer in chain:
+        assert layer.checksums is not None
+        sums = loc.directory / layer.checksums.file
+        if layer.size < size:
+            limit = -(-layer.size // BLOCK_SIZE)
+            for index in [i for i in digests if i >= limit]:
+                del digests[index]
+        size = layer.size
+        try:
+            if file_sha256(sums) != layer.checksums.sha256:
+                raise ChainDamaged(loc.ref, f"{layer.checksums.file}: checksum file does not match the manifest")
+            digests.update(read_records(sums))
+        except OSError as exc:
+            raise ChainDamaged(loc.ref, f"{layer.checksums.file}: cannot read: {exc.strerror or exc}") from exc
+    return digests
+
+
+def block_check(loc: Located) -> BlockCheck | None:
+    digests = expected_digests(loc)
+    if digests is None:
+        logger.warning("%s: a layer of its chain has no checksums; the restored data is not checked", loc.ref)
+        return None
+    return BlockCheck(loc.ref, digests, loc.point.size)
+
+
 # -- files ------------------------------------------------------------------------
 
 
-def restore_file(loc: Located, out: Path, fmt: str, *, force: bool) -> None:
-    """A sparse raw file or a flat qcow2 (no backing file) of the point, written atomically.
-
-    ``qemu-img convert`` writes into the page cache; the file is on disk
-    (fsync) before it is renamed into place.  While qemu-img runs, writeback
-    is started every few milliseconds, so that most of the data is on disk
-    when it exits and the fsync has little left to wait for.
-    """
+def restore_file(loc: Located, out: Path, fmt: str, *, force: bool, parallel: int = 4, progress: bool = False) -> None:
+    """A sparse raw file or a flat qcow2 (no backing file) of the point, written atomically;
+    or, with ``force``, the data written in place into an existing block device."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
-    if out.is_dir():
-        raise TargetError(f"{out} is a directory")
-    if (out.exists() or out.is_symlink()) and not force:
+    mode = _dest_mode(out)
+    if mode is not None and not force:
         raise TargetError(f"{out} exists (use --force to replace it)")
+    if mode is not None and stat.S_ISBLK(mode):
+        if fmt != "raw":
+            raise UsageError(f"{out} is a block device: only --format raw can be written into it")
+        _restore_to_device(loc, out, parallel=parallel, progress=progress)
+        return
+    check = block_check(loc)
     tmp = out.with_name(f".{out.name}.partial")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        _convert_durably(loc, tmp, fmt)
+        if fmt == "raw":
+            _write_raw(loc, tmp, check, parallel=parallel, progress=progress)
+        else:
+            _write_qcow2(loc, tmp, check, parallel=parallel, progress=progress)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     except BaseException as exc:
@@ -115,22 +198,189 @@ def restore_file(loc: Located, out: Path, fmt: str, *, force: bool) -> None:
         raise
 
 
-def _convert_durably(loc: Located, tmp: Path, fmt: str) -> None:
-    """``tmp`` created (mode 0600, never through a link), filled by qemu-img convert, fsynced.
+def _dest_mode(out: Path) -> int | None:
+    """The mode of what is at ``out`` (a link itself, not its target), None if nothing;
+    refuses what a restore can neither replace nor write into."""
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TargetError(f"{out}: {exc.strerror or exc}") from exc
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        raise TargetError(f"{out} is a directory")
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISBLK(mode)):
+        kind = "character device" if stat.S_ISCHR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+        if stat.S_ISSOCK(mode):
+            kind = "socket"
+        raise TargetError(f"{out} is a {kind}: a restore writes only files, block devices and RBD images")
+    return mode
 
-    qemu-img opens and truncates the file it is given; it stays the inode
-    that ``fd`` holds.
+
+def _write_raw(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: int, progress: bool) -> None:
+    """``tmp`` created (mode 0600, never through a link), filled from an NBD export of the chain, fsynced.
+
+    Blocks qemu reports as zeros stay holes.  Writeback of the written pages
+    is started every few milliseconds (``POSIX_FADV_DONTNEED`` starts it
+    without waiting), so the final fsync has little left to wait for.
     """
-    fd = os.open(tmp, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
+        os.ftruncate(fd, loc.point.size)
         with _early_writeback(fd):
-            qemu.convert(loc.files, tmp, fmt)
-        if fmt == "raw":
-            os.truncate(tmp, loc.point.size)  # qcow2 rounds sizes up to 512 bytes
+            _copy_chain(loc, _FileSink(fd), check, parallel=parallel, overwrite=False, progress=progress)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _restore_to_device(loc: Located, dev: Path, *, parallel: int, progress: bool) -> None:
+    """Write the point in place into a block device (opened exclusively: not while mounted), zeros included."""
+    check = block_check(loc)
+    try:
+        fd = os.open(dev, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TargetError(f"{dev}: cannot open the device exclusively: {exc.strerror or exc}") from exc
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < loc.point.size:
+            raise TargetError(f"{dev} holds {size} bytes, the point {loc.point.size}: too small")
+        _copy_chain(loc, _FileSink(fd), check, parallel=parallel, overwrite=True, progress=progress)
+        os.fsync(fd)
+    except ChainDamaged:
+        logger.error("%s: the device was partly written: its content is not the point's", dev)
+        raise
+    except OSError as exc:
+        raise StorageError(f"{dev}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _write_qcow2(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: int, progress: bool) -> None:
+    """A flat qcow2 at ``tmp``, written through a writable export of its own (data only), then fsynced."""
+    qcow2.create_layer(tmp, loc.point.size, None, replace=False)
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with _early_writeback(fd):  # qemu writes through the page cache: the disk works meanwhile
+            _fill_qcow2(loc, tmp, check, parallel=parallel, progress=progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fill_qcow2(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: int, progress: bool) -> None:
+    with qemu.storage_daemon() as daemon:
+        try:
+            out = daemon.export_chain([tmp], writable=True)
+            pool = ConnectionPool(out.socket, out.name, parallel)
+            try:
+                _copy_chain(
+                    loc, _NbdSink(pool), check, parallel=parallel, overwrite=False, progress=progress, daemon=daemon
+                )
+                with daemon.bounded("flushing the new qcow2", qemu.QMP_TIMEOUT * 10):
+                    pool.flush()
+            finally:
+                pool.close()
+            daemon.remove_export(out)
+        except BaseException:
+            daemon.kill()
+            raise
+
+
+class _FileSink:
+    """Writes into a file or device by offset (``pwrite``; threads need no lock)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._zeros = bytes(FILE_CHUNK)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def zero(self, length: int, offset: int) -> None:
+        for pos in range(offset, offset + length, FILE_CHUNK):
+            self.pwrite(memoryview(self._zeros)[: min(FILE_CHUNK, offset + length - pos)], pos)
+
+    def wait(self) -> None:
+        pass
+
+
+class _NbdSink:
+    """Writes into an NBD export, from each thread through its connection of the pool."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        self._pool.for_thread().pwrite(memoryview(data), offset)
+
+    def zero(self, length: int, offset: int) -> None:
+        self._pool.for_thread().zero(length, offset)
+
+    def wait(self) -> None:
+        pass
+
+
+def _copy_chain(
+    loc: Located,
+    sink: Sink,
+    check: BlockCheck | None,
+    *,
+    parallel: int,
+    overwrite: bool,
+    progress: bool,
+    daemon: qemu.StorageDaemon | None = None,
+) -> None:
+    """Copy the point from a read-only export of its chain into ``sink`` (a daemon of its own unless given)."""
+    with contextlib.ExitStack() as stack:
+        if daemon is None:
+            daemon = stack.enter_context(qemu.storage_daemon())
+        _transfer(loc, daemon, sink, check, parallel=parallel, overwrite=overwrite, progress=progress, align=FILE_CHUNK)
+
+
+def _transfer(
+    loc: Located,
+    daemon: qemu.StorageDaemon,
+    sink: Sink,
+    check: BlockCheck | None,
+    *,
+    parallel: int,
+    overwrite: bool,
+    progress: bool,
+    align: int,
+) -> None:
+    """Read the chain through NBD by its allocation map, check, write; any failure or signal kills the
+    daemon first, so that no reader stays blocked on it."""
+    size = loc.point.size
+    try:
+        export = daemon.export_for_reading(loc.files)
+        with Progress(loc.ref, size, enabled=progress) as bar, Connection(export.socket, export.name) as mapper:
+            try:
+                if mapper.size < size:
+                    raise ChainDamaged(loc.ref, f"qemu exports {mapper.size} bytes, the point has {size}")
+                copier = Copier(
+                    lambda: Connection(export.socket, export.name),
+                    sink,
+                    readers=parallel,
+                    overwrite=overwrite,
+                    progress=bar.update,
+                    check=check,
+                    abort=daemon.kill,
+                )
+                copier.run(allocated_chunks(mapper, size, align))
+                sink.wait()
+            except BaseException:
+                daemon.kill()  # before the connections close: none waits on a stuck daemon
+                raise
+        daemon.remove_export(export)
+    except BaseException:
+        daemon.kill()
+        raise
 
 
 @contextlib.contextmanager
@@ -139,8 +389,9 @@ def _early_writeback(fd: int) -> Iterator[None]:
 
     ``POSIX_FADV_DONTNEED`` starts writeback of the dirty pages without
     waiting for it, and drops the pages already written: the disk works
-    while qemu-img converts, instead of after it (measured: the fsync of a
-    1.7 GiB restore went from about 1.0-1.3 s to 0.05-0.15 s).
+    while the restore copies, instead of after it (measured with qemu-img
+    convert: the fsync of a 1.7 GiB restore went from about 1.0-1.3 s to
+    0.05-0.15 s).
     """
     stop = threading.Event()
 
@@ -149,7 +400,8 @@ def _early_writeback(fd: int) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    thread = _start(kick, "writeback")
+    thread = threading.Thread(target=kick, name="writeback", daemon=True)
+    thread.start()
     try:
         yield
     finally:
@@ -159,9 +411,11 @@ def _early_writeback(fd: int) -> Iterator[None]:
 
 
 def make_overlay(loc: Located, new: Path) -> None:
-    """A writable qcow2 overlay over the point, for booting a VM; the chain is not modified."""
+    """A writable qcow2 overlay over the point, for booting a VM, once the chain passed the
+    structural checks; the chain is not modified."""
     if new.exists() or new.is_symlink():
         raise TargetError(f"{new} exists")
+    check_structure(loc)
     qcow2.create_layer(new, loc.point.size, str(loc.files[-1].resolve()), replace=False)
 
 
@@ -169,215 +423,99 @@ def make_overlay(loc: Located, new: Path) -> None:
 
 
 def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool, parallel: int, progress: bool) -> None:
-    """Write the point into ``dest``; a failed restore removes an image it created."""
+    """Write the point into a new image under a temporary name, then rename it to ``dest``.
+
+    A killed restore leaves at most the temporary image (reported and
+    removed by the next restore into ``dest``).  With ``force`` an existing
+    ``dest`` is not touched until the new image holds the checked data: it
+    is renamed aside, the new image renamed into place, and the old one removed.
+    """
     exists = cluster.exists(dest)
     if exists and not force:
         raise TargetError(f"image {dest} exists (use --force to overwrite it)")
-    created = False
+    stale = _leftovers(cluster, dest)
+    check = block_check(loc)
+    temp = ImageSpec(dest.pool, dest.namespace, f"{dest.name}{TEMP_MARK}{secrets.token_hex(4)}")
+    cluster.create_image(temp, loc.point.size)
     try:
-        if exists:
-            with cluster.image(dest) as img:
-                img.resize(loc.point.size)
-        else:
-            cluster.create_image(dest, loc.point.size)
-            created = True
-        _transfer_to_rbd(loc, dest, cluster, overwrite=exists, parallel=parallel, progress=progress)
+        _transfer_to_rbd(loc, temp, cluster, check, parallel=parallel, progress=progress)
+        crashpoint("before-restore-rename")
+        _put_in_place(cluster, temp, dest, replace=exists)
     except BaseException:
-        if created:
-            _remove_quietly(cluster, dest)
+        _remove_quietly(cluster, temp)
         raise
+    for spec in stale:  # a killed client's watch on them lasts about 30 s: try again
+        _remove_quietly(cluster, spec, "left by an interrupted restore")
 
 
-def _remove_quietly(cluster: Cluster, dest: ImageSpec) -> None:
+def _put_in_place(cluster: Cluster, temp: ImageSpec, dest: ImageSpec, *, replace: bool) -> None:
+    if not replace:
+        cluster.rename_image(temp, dest)
+        return
+    aside = ImageSpec(dest.pool, dest.namespace, f"{dest.name}{ASIDE_MARK}{secrets.token_hex(4)}")
+    cluster.rename_image(dest, aside)
+    try:
+        cluster.rename_image(temp, dest)
+    except BaseException:
+        cluster.rename_image(aside, dest)
+        raise
+    try:
+        cluster.remove_image(aside)
+    except Error as exc:
+        logger.warning("the replaced image is kept as %s: cannot remove it (%s)", aside, exc)
+
+
+def _leftovers(cluster: Cluster, dest: ImageSpec) -> list[ImageSpec]:
+    """Images left by killed restores into ``dest``: our temporary ones are removed, replaced ones reported.
+
+    Returns the temporary ones that could not be removed yet.
+    """
+    stale = []
+    for spec in cluster.list_images(dest.pool, dest.namespace):
+        if spec.name.startswith(dest.name + TEMP_MARK):
+            logger.warning("%s: removing %s, left by an interrupted restore", dest, spec.name)
+            try:
+                cluster.remove_image(spec)
+            except Error as exc:
+                logger.info("cannot remove %s yet (%s); trying again after the restore", spec, exc)
+                stale.append(spec)
+        elif spec.name.startswith(dest.name + ASIDE_MARK):
+            logger.warning(
+                "%s: %s holds the image an interrupted restore --force replaced; remove it once not needed",
+                dest,
+                spec.name,
+            )
+    return stale
+
+
+def _remove_quietly(cluster: Cluster, dest: ImageSpec, what: str = "partly restored") -> None:
     try:
         cluster.remove_image(dest)
-        logger.info("removed the partly restored image %s", dest)
+        logger.info("removed the %s image %s", what, dest)
     except Exception as exc:
-        logger.error("could not remove the partly restored image %s: %s", dest, exc)
+        logger.error("could not remove the %s image %s (remove it by hand): %s", what, dest, exc)
 
 
 def _transfer_to_rbd(
-    loc: Located, dest: ImageSpec, cluster: Cluster, *, overwrite: bool, parallel: int, progress: bool
+    loc: Located, dest: ImageSpec, cluster: Cluster, check: BlockCheck | None, *, parallel: int, progress: bool
 ) -> None:
-    size = loc.point.size
     with qemu.storage_daemon() as daemon, cluster.image_for_bulk_writes(dest) as img:
-        export = daemon.export_for_reading(loc.files)
         writes = img.async_writes(WRITE_DEPTH, WRITE_BYTES)
         try:
-            with Progress(str(dest), size, enabled=progress) as bar, Connection(export.socket, export.name) as mapper:
-                copier = _Copier(
-                    lambda: Connection(export.socket, export.name),
-                    writes,
-                    readers=parallel,
-                    overwrite=overwrite,
-                    progress=bar.update,
-                )
-                copier.run(allocated_chunks(mapper, size, img.object_size()))
-            writes.wait()
+            _transfer(
+                loc,
+                daemon,
+                writes,
+                check,
+                parallel=parallel,
+                overwrite=False,
+                progress=progress,
+                align=img.object_size(),
+            )
             img.flush()
         except BaseException:
             writes.settle()  # librbd still holds requests: let them finish before the image is closed
             raise
-        daemon.remove_export(export)
-
-
-class Source(Protocol):
-    """What a reader thread of :class:`_Copier` reads from (an NBD :class:`Connection`)."""
-
-    def read_buffer(self, offset: int, length: int) -> bytes | bytearray: ...
-
-
-class _Copier:
-    """Copies planned chunks from an NBD export into RBD, from ``read-N`` threads.
-
-    Each reader thread owns an NBD connection: it reads a chunk (at most one
-    RBD object), and submits the data to the shared :class:`AsyncWrites`,
-    which keeps the writes in flight.  All-zero blocks are not written into a
-    new image (it reads as zeros already); over an existing image they become
-    write-zeroes, like the zero chunks of the plan, which the main thread
-    submits itself.  The main thread feeds a bounded queue and re-raises the
-    first failure of any reader; a failure or a signal drops queued work.
-    """
-
-    def __init__(
-        self,
-        open_reader: Callable[[], contextlib.AbstractContextManager[Source]],
-        writes: AsyncWrites,
-        *,
-        readers: int,
-        overwrite: bool,
-        progress: Callable[[int], None],
-    ) -> None:
-        self._open_reader = open_reader
-        self._writes = writes
-        self._readers = max(1, readers)
-        self._overwrite = overwrite
-        self._progress = progress
-        self._todo: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * self._readers)
-        self._done: queue.Queue[int] = queue.Queue()
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
-
-    def run(self, chunks: Iterable[Chunk]) -> None:
-        threads: list[threading.Thread] = []
-        try:
-            for seq, chunk in enumerate(chunks):
-                _mid_restore_fault(seq)
-                if chunk.kind is Kind.ZERO:
-                    if self._overwrite:
-                        self._writes.zero(chunk.length, chunk.offset)
-                    self._progress(chunk.length)
-                    continue
-                if len(threads) < self._readers and (not threads or self._todo.qsize() > 0):
-                    threads.append(_start(self._reader, f"read-{len(threads)}"))
-                self._put(chunk)
-            for _ in threads:
-                self._put(None)
-            while any(t.is_alive() for t in threads):
-                self._check()
-                time.sleep(POLL)
-            self._check()
-        except BaseException:
-            self._stop.set()  # a reader failed, or a signal: queued work is dropped
-            raise
-        finally:
-            self._stop_readers(threads)
-
-    def _put(self, item: Chunk | None) -> None:
-        while True:
-            self._check()
-            try:
-                self._todo.put(item, timeout=POLL)
-                return
-            except queue.Full:
-                continue
-
-    def _check(self) -> None:
-        """Progress so far; the first failure of a reader is raised here."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._progress(self._done.get_nowait())
-        if self._errors:
-            raise self._errors[0]
-
-    def _stop_readers(self, threads: list[threading.Thread]) -> None:
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Full):
-                self._todo.put_nowait(None)  # readers drop queued chunks once stopped
-            time.sleep(0.01)  # polled, not joined (CPython gh-90882, see pipeline)
-        for t in threads:
-            if t.is_alive():
-                logger.error("thread %s did not stop", t.name)
-
-    def _reader(self) -> None:
-        try:
-            with self._open_reader() as conn:
-                while (chunk := self._todo.get()) is not None:
-                    if not self._stop.is_set():
-                        self._copy(conn, chunk)
-        except BaseException as exc:  # carried to the main thread
-            self._errors.append(exc)
-            self._stop.set()
-
-    def _copy(self, conn: Source, chunk: Chunk) -> None:
-        data = conn.read_buffer(chunk.offset, chunk.length)
-        for start, end, zero in block_runs(data, ZERO_BLOCK):
-            if not zero:
-                self._writes.pwrite(data if end - start == len(data) else data[start:end], chunk.offset + start)
-            elif self._overwrite:
-                self._writes.zero(end - start, chunk.offset + start)
-        self._done.put(chunk.length)
-
-
-def block_runs(data: bytes | bytearray, block: int) -> list[tuple[int, int, bool]]:
-    """``(start, end, all_zero)`` runs of ``data`` in whole blocks (the last may be shorter)."""
-    zero = bytes(block)
-    runs: list[tuple[int, int, bool]] = []
-    for pos in range(0, len(data), block):
-        end = min(pos + block, len(data))
-        is_zero = data.startswith(zero if end - pos == block else zero[: end - pos], pos)
-        if runs and runs[-1][2] == is_zero:
-            runs[-1] = (runs[-1][0], end, is_zero)
-        else:
-            runs.append((pos, end, is_zero))
-    return runs
-
-
-def _start(target: Callable[[], None], name: str) -> threading.Thread:
-    t = threading.Thread(target=target, name=name, daemon=True)
-    t.start()
-    return t
-
-
-def allocated_chunks(conn: Connection, size: int, align: int = 4 << 20) -> Iterator[Chunk]:
-    """Requests covering an export by its allocation map: data to read, and zeros.
-
-    Reads are cut at multiples of ``align`` (the RBD object size), so that
-    each write goes to one object.
-    """
-    for start, end in windows(size, MAP_WINDOW):
-        runs = conn.allocation(start, end - start)
-        chunks = plan((Extent(off, ln, not zero) for off, ln, zero in runs), start=start, end=end, max_read=align)
-        yield from split_at(chunks, align)
-
-
-def split_at(chunks: Iterable[Chunk], align: int) -> Iterator[Chunk]:
-    """Read chunks cut where they cross a multiple of ``align``; zero chunks as they are."""
-    for chunk in chunks:
-        if chunk.kind is Kind.ZERO:
-            yield chunk
-            continue
-        off = chunk.offset
-        while off < chunk.end:
-            cut = min(chunk.end, align_down(off, align) + align)
-            yield Chunk(off, cut - off, chunk.kind)
-            off = cut
-
-
-def _mid_restore_fault(seq: int) -> None:
-    if seq == 2:
-        crashpoint("mid-restore")
 
 
 # -- serving ----------------------------------------------------------------------
@@ -397,7 +535,9 @@ def private_socket_path(socket: Path) -> Path:
 
 
 def serve(loc: Located, socket: Path, ready: Callable[[str], None], stop: threading.Event | None = None) -> None:
-    """Export the point read-only over NBD on ``socket`` until ``stop`` or a signal."""
+    """Export the point read-only over NBD on ``socket`` until ``stop`` or a signal, once the chain
+    passed the structural checks."""
+    check_structure(loc)
     socket = private_socket_path(socket)
     stop = stop or threading.Event()
     try:
@@ -413,4 +553,14 @@ def serve(loc: Located, socket: Path, ready: Callable[[str], None], stop: thread
             socket.unlink()
 
 
-__all__ = ["FORMATS", "Located", "locate", "make_overlay", "parse_rbd_dest", "restore_file", "restore_rbd", "serve"]
+__all__ = [
+    "FORMATS",
+    "Located",
+    "check_structure",
+    "locate",
+    "make_overlay",
+    "parse_rbd_dest",
+    "restore_file",
+    "restore_rbd",
+    "serve",
+]
