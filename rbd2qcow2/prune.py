@@ -434,7 +434,8 @@ def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: i
     open_target(target, create=False)
     directory = chain_dir(target, ref.image)
     missing = NotFound(f"no backups of {ref.image} in {target}")
-    if not (directory / mf.NAME).is_file():  # before the lock, which would create a file there
+    # Before the lock, which would create a file there; layers without a manifest are damage (65), not absence.
+    if not directory.is_dir() or mf.load(directory) is None:
         raise missing
     try:
         with _lock(directory, target, wait=wait, what=str(ref.image)):
