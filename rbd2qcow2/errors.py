@@ -16,7 +16,7 @@ message template and its ``exit_code`` the process exit status (sysexits)::
                +-- CephError       a Ceph call failed (74)
                +-- QemuError       qemu-img or qemu-storage-daemon failed (74)
                |    +-- QemuUnavailable  qemu cannot run or start at all (69)
-               |    +-- LayerCorrupt     qemu-img check finds a layer corrupt
+               |    +-- LayerCorrupt     qemu-img check finds a layer corrupt (65)
                +-- NbdError        an NBD request failed (74)
                +-- StorageError    the target's file system failed (I/O error, read-only) (74)
                |    +-- TargetFull  no space left, or the quota is used up
@@ -107,6 +107,8 @@ class QemuUnavailable(QemuError):
 
 class LayerCorrupt(QemuError):
     """{}"""
+
+    exit_code = os.EX_DATAERR  # qemu found the layer damaged: data, not a failing tool
 
 
 class NbdError(Error):

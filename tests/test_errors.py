@@ -96,7 +96,7 @@ def test_args_are_kept() -> None:
         (CephError, 74),
         (QemuError, 74),
         (errors.QemuUnavailable, 69),
-        (errors.LayerCorrupt, 74),
+        (errors.LayerCorrupt, 65),
         (NbdError, 74),
         (TargetError, 73),
         (Locked, 75),
