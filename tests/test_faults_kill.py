@@ -91,6 +91,14 @@ class Ctx:
 
     def report(self, operation: str, kills: int) -> None:
         self.violations += self.oracle.cross_check()
+        stuck = self.oracle.unrestorable_while_pending
+        if stuck:
+            fl.TABLE.add(
+                "SIGKILL at a random moment",
+                operation,
+                f"a kept point could not be restored while the killed merge was pending ({stuck} checks)",
+                "known defect",
+            )
         outcome = ", ".join(f"{n} {what}" for what, n in sorted(self.outcomes.items()))
         ok = not self.violations
         fl.TABLE.add(f"SIGKILL at a random moment (x{kills})", operation, outcome, ok)
