@@ -197,7 +197,7 @@ def test_resized_and_recreated_between_runs(ceph: Ceph, image_name: str, tmp_pat
                 img.write(os.urandom(65536), SIZE + MiB)
         elif step == "shrink":
             with ceph.image(image_name) as img:
-                img.resize(SIZE // 2 + 4096, allow_shrink=True)  # type: ignore[call-arg]
+                img.resize(SIZE // 2 + 4096, allow_shrink=True)
         elif step == "recreate":
             ceph.remove(image_name)
             scattered_image(ceph, image_name)
