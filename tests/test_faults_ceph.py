@@ -45,6 +45,7 @@ def fl_alive(pid: int) -> bool:
 
 def restart_osd(cluster: CephCluster, name: str) -> None:
     """Start a killed OSD again, as its service manager would, and wait until it is up."""
+    cluster._daemons = [d for d in cluster._daemons if d.name != name]  # the killed one is reaped
     cluster._spawn(name, "ceph-osd", ["-i", name.split(".", 1)[1]])
     cluster._poll(time.monotonic() + 90, "OSD up and in", cluster._osd_ready)
 
