@@ -232,9 +232,10 @@ def test_damaged_target(pristine: Pristine, tmp_path: Path, kind: str, damage: s
     if "Traceback" in restore.stderr:
         problems.append("restore: traceback")
     if restore.returncode == 0:
-        if fl.sha256_file(out) != pristine.expected[pristine.newest]:
+        right = fl.sha256_file(out) == pristine.expected[pristine.newest]
+        if not right:
             problems.append("restore exited 0 with other data than the snapshot's")
-        restore_outcome = "restore 0, data right"
+        restore_outcome = "restore 0, data right" if right else "restore 0, WRONG DATA"
     else:
         restore_outcome = f"restore {restore.returncode}"
         # A missing manifest: there is no chain to find, so "not found" is the answer.
