@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -258,6 +259,20 @@ def rbd_exists(c: Ctx, name: str) -> bool:
     return name in rbd.RBD().list(c.ceph.ioctx)
 
 
+def remove_image(c: Ctx, name: str) -> None:
+    """Remove the restored image; a killed run's watch on it is cleared first (Ceph refuses while it lasts)."""
+    for _ in range(20):
+        if not rbd_exists(c, name):
+            return
+        fl.clear_dead_watchers(c.ceph, name)
+        try:
+            rbd.RBD().remove(c.ceph.ioctx, name)
+            return
+        except rbd.ImageBusy:
+            time.sleep(0.5)
+    raise AssertionError(f"{name} stays busy")
+
+
 def digest_or_none(c: Ctx, name: str) -> str | None:
     """The image's content digest; None if it is missing or cannot be opened (a half-created image)."""
     try:
@@ -278,7 +293,7 @@ def test_kill_restore_rbd(ctx: Ctx) -> None:
     dst = f"{c.name}-dst"
     args = ["restore", f"{c.spec}@{point}", "--to", f"rbd:{c.ceph.pool}/{dst}"]
     seconds = fl.timed(c.cli(*args), c.box.env)
-    c.ceph.remove(dst)
+    remove_image(c, dst)
     n = fl.kills()
     half = 0
     for i in range(n):
@@ -295,8 +310,7 @@ def test_kill_restore_rbd(ctx: Ctx) -> None:
         if proc.returncode != 0 or got != c.oracle.expected[point]:
             what = "missing or unopenable" if got is None else "wrong"
             c.violations.append(f"restore after kill {i}: exit {proc.returncode}, image {what}: {proc.stderr[-300:]}")
-        if rbd_exists(c, dst):
-            rbd.RBD().remove(c.ceph.ioctx, dst)
+        remove_image(c, dst)
     c.check("at the end")
     if half:
         fl.TABLE.add(
