@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import faultlib
 from cephcluster import CephCluster
 from helpers import Ceph
 
@@ -61,3 +62,22 @@ def _ceph_conf_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         cluster: CephCluster = request.getfixturevalue("ceph_cluster")
         monkeypatch.setenv("CEPH_CONF", str(cluster.conf))
     os.environ.pop("RBD2QCOW2_CRASH_AT", None)
+
+
+@pytest.fixture(scope="session")
+def fault_table() -> faultlib.Table:
+    """The fault tier's outcome table: fault x operation x outcome, printed at the end."""
+    return faultlib.TABLE
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    table = faultlib.TABLE
+    if not table.rows:
+        return
+    terminalreporter.section(f"fault table (seed {table.seed}, replay with {faultlib.SEED_ENV}={table.seed})")
+    for line in table.lines():
+        terminalreporter.write_line(line)
+    out = os.environ.get(faultlib.TABLE_ENV)
+    if out:
+        Path(out).write_text(f"Seed {table.seed}.\n\n" + table.markdown())
+        terminalreporter.write_line(f"written to {out}")
