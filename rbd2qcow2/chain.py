@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from . import manifest as mf
+from .errors import Error
 from .names import sums_file
 from .qcow2 import check_header, read_header
 
@@ -29,6 +30,27 @@ def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list
         check_header(read_header(path), where=str(path), expected_backing=parent, size=point.size)
         files.append(path)
     return files
+
+
+def as_read(directory: Path, manifest: mf.Manifest) -> mf.Manifest:
+    """The manifest as a reader that takes no lock must see the chain.
+
+    A merge killed after its merged layer was renamed over the child's file
+    leaves that child naming its new parent while the manifest still lists
+    the dropped points: readers then see the merge's outcome, which the next
+    backup, prune or verify commits.  Before the rename every kept point
+    reads as the manifest says (see :mod:`rbd2qcow2.merge`).
+    """
+    pm = manifest.pending
+    if pm is None:
+        return manifest
+    first = manifest.point(pm.drop[0])
+    parent = manifest.point(first.parent).file if first.parent else None
+    try:
+        renamed = read_header(directory / manifest.point(pm.child).file).backing_file == parent
+    except Error:
+        return manifest  # the checks of the chain report it
+    return manifest.finish_merge() if renamed else manifest
 
 
 def orphan_files(directory: Path, manifest: mf.Manifest) -> list[str]:

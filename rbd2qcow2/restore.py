@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from . import manifest as mf
 from . import qcow2, qemu
 from .background import in_parallel
-from .chain import checked_chain
+from .chain import as_read, checked_chain
 from .checksums import BLOCK_SIZE, file_sha256, read_records
 from .copier import BlockCheck, Copier, Sink, allocated_chunks
 from .errors import ChainDamaged, Error, LayerCorrupt, NotFound, QemuError, StorageError, TargetError, UsageError
@@ -73,6 +73,7 @@ def locate(target: Path, ref_text: str) -> Located:
     m = mf.load(directory) if directory.is_dir() else None
     if m is None:
         raise NotFound(f"no backups of {ref.image} in {target}")
+    m = as_read(directory, m)
     point = select(m, ref)
     flagged = [p.id for p in m.chain_of(point.id) if "damaged" in p.flags]
     if flagged:

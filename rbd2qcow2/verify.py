@@ -375,17 +375,21 @@ class ChainVerifier:
         return broken
 
     def _modes(self) -> None:
+        owner = self.dir.lstat().st_uid  # whoever else owns a file of the chain can rewrite it
         for path in [self.dir, *self.dir.iterdir()]:
             try:
-                mode = path.lstat().st_mode
-                target = os.readlink(path) if stat.S_ISLNK(mode) else None
+                st = path.lstat()
+                target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
             except FileNotFoundError:  # removed since the listing (a temporary file): nothing to check
                 continue
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(st.st_mode):
                 if path.name != LATEST or target != (self.m.latest.file if self.m.latest else None):
                     self.problem("unexpected symbolic link", file=path.name)
-            elif stat.S_IMODE(mode) & 0o077:
-                self.problem(f"readable or writable by others (mode {stat.S_IMODE(mode):o})", file=path.name)
+                continue
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                self.problem(f"readable or writable by others (mode {stat.S_IMODE(st.st_mode):o})", file=path.name)
+            if st.st_uid != owner:
+                self.problem(f"owned by uid {st.st_uid}, not the chain directory's (uid {owner})", file=path.name)
 
     def _header_problem(self, p: mf.Point) -> str | None:
         parent = self.m.point(p.parent).file if p.parent else None

@@ -197,10 +197,8 @@ def test_flipped_byte_never_restored_to_rbd(chain: fl.Oracle, ceph: Ceph) -> Non
         "layer: flipped data byte",
         "restore (RBD)",
         f"exit {proc.returncode}" + (", wrong data" if wrong else ""),
-        "known defect" if wrong else proc.returncode == 65,
+        proc.returncode == 65,
     )
-    if wrong:
-        pytest.xfail("restore hands out damaged data (flipped data byte) with exit 0 (RBD)")
     assert proc.returncode == 65
 
 
@@ -263,17 +261,6 @@ def test_kept_point_restores_while_merge_pending(chain: fl.Oracle, tmp_path: Pat
     check = verify(chain)
     flagged = flags(chain)
     outcome = f"restore of the kept point {restore.returncode}; verify {check.returncode}, flagged {len(flagged)}"
-    known = where == "prune-after-rename"
-    fl.TABLE.add(
-        f"delete (commit merge) killed at {where}",
-        "restore (file), verify",
-        outcome,
-        "known defect" if known else right and not flagged,
-    )
-    if known and not (right and not flagged):
-        pytest.xfail(
-            "verify flags sound points when a merge is pending; and (new) after a kill at prune-after-rename "
-            "the kept point's chain names the renamed dropped layer: restore exits 65 until the next prune or backup"
-        )
+    fl.TABLE.add(f"delete (commit merge) killed at {where}", "restore (file), verify", outcome, right and not flagged)
     assert right, restore.stderr[-300:]
     assert not flagged
