@@ -427,6 +427,37 @@ def _sums_paths(directory: Path, layers: Sequence[mf.Point]) -> list[Path]:
     return paths
 
 
+def merged_sums_ready(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> bool:
+    """Whether the merged layer's checksums are in place as the journal recorded them.
+
+    A commit merge's ``.sums.merge`` is only the layers' own records
+    stacked, so a missing or damaged one is written again (the same bytes);
+    a copy merge's is not rebuilt: False, and the merge must be given up.
+    """
+    child = m.point(pm.child)
+    _, merged = merge_files(directory, child)
+    if _sha_matches(directory / names.sums_file(child.id), pm) or _sha_matches(merged, pm):
+        return True
+    if pm.method != COMMIT:
+        return False
+    if merged.is_dir() and not merged.is_symlink():
+        raise ChainDamaged(str(merged), "is a directory, not the merge's checksum file")
+    logger.warning("%s: %s is missing or damaged; written again from the layers' checksums", m.image, merged.name)
+    merged.unlink(missing_ok=True)
+    layers = [m.point(d) for d in pm.drop] + [child]
+    sha, _, _ = write_records(merged, stacked_records(_sums_paths(directory, layers)))
+    if sha != pm.checksums.sha256:
+        raise ChainDamaged(str(directory), "the merge's checksums cannot be rebuilt as journaled")
+    return True
+
+
+def _sha_matches(path: Path, pm: mf.PendingMerge) -> bool:
+    try:
+        return file_sha256(path) == pm.checksums.sha256
+    except (OSError, ChainDamaged):
+        return False
+
+
 def journal_commit(directory: Path, m: mf.Manifest, drop: Sequence[str], child_id: str) -> mf.PendingMerge:
     """Write the merged layer's checksums beside the child's; the journal entry of a commit merge.
 

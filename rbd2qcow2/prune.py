@@ -43,6 +43,7 @@ from .chain import remove_orphan_files
 from .errors import (
     FULL_ERRNOS,
     STORAGE_ERRNOS,
+    ChainDamaged,
     Error,
     Locked,
     NotFound,
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .faults import crashpoint
 from .fsutil import chain_lock, fsync_dir, keep_reserve, release_reserve
+from .qcow2 import read_header
 from .retention import Decision, Policy, Stamp, decide
 from .target import iter_chains, open_target
 
@@ -252,6 +254,8 @@ def _finish(
     """Put the merged files in place, commit, delete the dropped files (each step idempotent)."""
     child = m.point(pm.child)
     layer, sums = merge.merge_files(directory, child)
+    if not merge.merged_sums_ready(directory, m, pm):
+        return _give_up(directory, m, pm)
     renames = [(sums, directory / names.sums_file(child.id))]
     if pm.method == merge.COMMIT:
         assert daemon is not None
@@ -272,6 +276,23 @@ def _finish(
     _save_dropping(directory, done, target)
     crashpoint("prune-after-commit")
     return _unlink_points(directory, done, dropped)
+
+
+def _give_up(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> mf.Manifest:
+    """Drop a copy merge whose checksums were lost before its layer was renamed: the chain stays as it was."""
+    child = m.point(pm.child)
+    first = m.point(pm.drop[0])
+    parent = m.point(first.parent).file if first.parent else None
+    if read_header(directory / child.file).backing_file == parent:  # the merged layer is in place already
+        raise ChainDamaged(str(directory), f"the merged checksums of {child.id} are missing or damaged")
+    logger.warning("%s: the merge into %s lost its checksums; given up, the chain stays as it was", m.image, child.id)
+    undone = dataclasses.replace(m, pending=None)
+    mf.save(directory, undone)
+    for path in merge.merge_files(directory, child):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    fsync_dir(directory)
+    return undone
 
 
 def _save_dropping(directory: Path, m: mf.Manifest, target: Path | None) -> None:

@@ -569,7 +569,7 @@ class StorageDaemon:
         if self._qmp is not None and self._ready:
             return self._qmp
         if self._failed is not None:
-            raise QemuUnavailable(self._failed)
+            raise self._start_failure(self._failed)
         if self._listener is None:
             raise QemuError("storage daemon not running")
         from qemu.qmp import QMPError
@@ -582,16 +582,22 @@ class StorageDaemon:
                 self._qmp.connect()
         except QemuError as exc:
             self._failed = str(exc)
-            raise QemuUnavailable(self._failed) from exc
+            raise self._start_failure(self._failed) from exc
         except (QMPError, OSError, TimeoutError) as exc:
             self._failed = f"qemu-storage-daemon did not connect to QMP: {exc!r} {self._log_tail()}"
-            raise QemuUnavailable(self._failed) from exc
+            raise self._start_failure(self._failed) from exc
         finally:
             self._listener.close()
             self._listener = None
         self._ready = True
         self.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(self._nbd_socket)}})
         return self._qmp
+
+    def _start_failure(self, message: str) -> QemuError:
+        """A daemon that exited by itself before it spoke cannot run here (69); one killed by a
+        signal, or still running, failed like any I/O (74)."""
+        code = self._proc.poll() if self._proc is not None else None
+        return QemuUnavailable(message) if code is not None and code >= 0 else QemuError(message)
 
     def _accept(self) -> socket.socket:
         """The daemon's connection to our QMP socket; fails at once if the daemon exits first."""
