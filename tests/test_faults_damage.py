@@ -57,9 +57,7 @@ HARMLESS = {("lock", d) for d in ("missing", "truncated", "flipped data byte", "
 UNUSABLE = {("lock", "symlink"), ("lock", "directory")}
 OWNER = "verify does not flag a chain file owned by another user (who can rewrite it)"
 # Open defects: these cases assert the promise, and flip to failures once it is kept.
-KNOWN: dict[tuple[str, str], str] = {
-    ("manifest", "missing"): "missing manifest: verify sees no chain (and the next backup wipes it)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def cases() -> list[object]:
@@ -235,8 +233,7 @@ def test_damaged_target(pristine: Pristine, tmp_path: Path, kind: str, damage: s
         restore_outcome = "restore 0, data right" if right else "restore 0, WRONG DATA"
     else:
         restore_outcome = f"restore {restore.returncode}"
-        # A missing manifest: there is no chain to find, so "not found" is the answer.
-        if restore.returncode != (66 if (kind, damage) == ("manifest", "missing") else 65):
+        if restore.returncode != 65:  # a missing manifest too: layers without one are damage, not absence
             problems.append(f"restore exited {restore.returncode}, not 65: {restore.stderr[-300:]}")
         if list(dest.iterdir()):
             problems.append(f"restore left {sorted(p.name for p in dest.iterdir())}")
