@@ -583,7 +583,8 @@ class StorageDaemon:
         except QemuError as exc:
             self._failed = str(exc)
             raise self._start_failure(self._failed) from exc
-        except (QMPError, OSError, TimeoutError) as exc:
+        # qemu.qmp asserts its state when the daemon dies in the middle of the greeting: that too is a failed start.
+        except (QMPError, OSError, TimeoutError, AssertionError) as exc:
             self._failed = f"qemu-storage-daemon did not connect to QMP: {exc!r} {self._log_tail()}"
             raise self._start_failure(self._failed) from exc
         finally:
