@@ -21,7 +21,7 @@ import hashlib
 import heapq
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -120,6 +120,27 @@ def file_sha256(path: Path) -> str:
 
 def unpack_records(records: bytes) -> list[tuple[int, bytes]]:
     return [(int(i), bytes(d)) for i, d in _RECORD.iter_unpack(records)]
+
+
+def chain_digests(layers: Iterable[tuple[Path | None, int]]) -> dict[int, bytes]:
+    """The expected digest per block of a chain's view, from its layers' ``(checksum file, size)``, base first.
+
+    A block's digest is the record of the newest layer that recorded it (a
+    layer without a file records none); a layer smaller than its parent cuts
+    off its parent's blocks beyond its size.  Blocks not in the result read
+    as zeros.
+    """
+    digests: dict[int, bytes] = {}
+    size = 0
+    for path, layer_size in layers:
+        if layer_size < size:
+            limit = -(-layer_size // BLOCK_SIZE)
+            for index in [i for i in digests if i >= limit]:
+                del digests[index]
+        size = layer_size
+        if path is not None:
+            digests.update(read_records(path))
+    return digests
 
 
 def read_records(path: Path) -> Iterator[tuple[int, bytes]]:

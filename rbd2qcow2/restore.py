@@ -29,7 +29,7 @@ from . import manifest as mf
 from . import qcow2, qemu
 from .background import in_parallel
 from .chain import as_read, checked_chain
-from .checksums import BLOCK_SIZE, file_sha256, read_records
+from .checksums import chain_digests, file_sha256
 from .copier import BlockCheck, Copier, Sink, allocated_chunks
 from .errors import ChainDamaged, Error, LayerCorrupt, NotFound, QemuError, StorageError, TargetError, UsageError
 from .faults import crashpoint
@@ -137,23 +137,20 @@ def expected_digests(loc: Located) -> dict[int, bytes] | None:
     chain = loc.manifest.chain_of(loc.point.id)
     if any(p.checksums is None for p in chain):
         return None
-    digests: dict[int, bytes] = {}
-    size = 0
+    layers: list[tuple[Path | None, int]] = []
     for layer in chain:
         assert layer.checksums is not None
         sums = loc.directory / layer.checksums.file
-        if layer.size < size:
-            limit = -(-layer.size // BLOCK_SIZE)
-            for index in [i for i in digests if i >= limit]:
-                del digests[index]
-        size = layer.size
         try:
             if file_sha256(sums) != layer.checksums.sha256:
                 raise ChainDamaged(loc.ref, f"{layer.checksums.file}: checksum file does not match the manifest")
-            digests.update(read_records(sums))
         except OSError as exc:
             raise ChainDamaged(loc.ref, f"{layer.checksums.file}: cannot read: {exc.strerror or exc}") from exc
-    return digests
+        layers.append((sums, layer.size))
+    try:
+        return chain_digests(layers)
+    except OSError as exc:
+        raise ChainDamaged(loc.ref, f"a checksum file cannot be read: {exc.strerror or exc}") from exc
 
 
 def block_check(loc: Located) -> BlockCheck | None:

@@ -39,7 +39,7 @@ from . import names, qemu
 from .activity import LATEST
 from .background import Later, in_parallel
 from .chain import orphan_files
-from .checksums import BLOCK_SIZE, file_sha256, read_records
+from .checksums import BLOCK_SIZE, chain_digests, file_sha256, read_records
 from .deepcheck import Checker, MappedChain, NullSink, check_point
 from .errors import (
     ChainDamaged,
@@ -416,17 +416,9 @@ class ChainVerifier:
     # -- content --
     def expected(self, pid: str) -> dict[int, bytes]:
         """Expected digest per block of a point (the blocks that some layer of its chain recorded)."""
-        digests: dict[int, bytes] = {}
-        size = 0
-        for layer in self.m.chain_of(pid):
-            if layer.size < size:
-                limit = -(-layer.size // BLOCK_SIZE)
-                for index in [i for i in digests if i >= limit]:
-                    del digests[index]
-            size = layer.size
-            if layer.checksums is not None:
-                digests.update(read_records(self.dir / layer.checksums.file))
-        return digests
+        return chain_digests(
+            (None if p.checksums is None else self.dir / p.checksums.file, p.size) for p in self.m.chain_of(pid)
+        )
 
     def owners(self, pid: str, blocks: set[int]) -> dict[int, str]:
         """The layer file that recorded the expected digest of each of ``blocks``."""
