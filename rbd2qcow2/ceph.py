@@ -52,6 +52,22 @@ class CephOptions:
 
 
 @dataclass(frozen=True)
+class StrayName:
+    """An image name's id object that no directory entry goes with (see :meth:`Cluster.stray_name`)."""
+
+    image_id: str  # the image it names
+    age: float  # seconds since it was written
+    header: bool  # that image's header object exists
+
+
+def _decode_string(data: bytes) -> str:
+    """A string in Ceph's encoding: little-endian u32 length, then the bytes."""
+    if len(data) < 4 or int.from_bytes(data[:4], "little") != len(data) - 4:
+        raise CephError(f"not an encoded string: {data[:40]!r}")
+    return data[4:].decode("ascii", "replace")
+
+
+@dataclass(frozen=True)
 class SnapInfo:
     id: int
     name: str
@@ -173,6 +189,42 @@ class Cluster:
     def remove_image(self, spec: ImageSpec) -> None:
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             _wrap(f"remove image {spec}", lambda: rbd.RBD().remove(ioctx, spec.name))
+
+    def stray_name(self, spec: ImageSpec) -> StrayName | None:
+        """The id object ``rbd_id.<name>`` of a name that is in no directory, if there is one.
+
+        librbd writes a name's id object before the directory entry, when it
+        creates an image and when it renames one; killed between the two, it
+        leaves the object, and refuses the name from then on ("already exists").
+        """
+        obj = f"rbd_id.{spec.name}"
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            if spec.name in _wrap(f"listing {spec.pool}", lambda: rbd.RBD().list(ioctx)):
+                return None
+            try:
+                data = ioctx.read(obj)
+                _, mtime = ioctx.stat(obj)
+            except rados.ObjectNotFound:
+                return None
+            except rados.Error as exc:
+                raise CephError(f"{spec}: reading {obj}: {exc}") from exc
+            image_id = _decode_string(data)
+            try:
+                ioctx.stat(f"rbd_header.{image_id}")
+                header = True
+            except rados.ObjectNotFound:
+                header = False
+            except rados.Error as exc:
+                raise CephError(f"{spec}: rbd_header.{image_id}: {exc}") from exc
+        return StrayName(image_id, time.time() - time.mktime(mtime), header)
+
+    def remove_stray_name(self, spec: ImageSpec) -> None:
+        with self.ioctx(spec.pool, spec.namespace) as ioctx:
+            _wrap(f"remove rbd_id.{spec.name}", lambda: ioctx.remove_object(f"rbd_id.{spec.name}"))
+
+    def image_id(self, spec: ImageSpec) -> str:
+        with self.image(spec, read_only=True) as img:
+            return img.id()
 
     @contextlib.contextmanager
     def claim(self, spec: ImageSpec, ttl: int) -> Iterator[Claim]:

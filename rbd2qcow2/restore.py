@@ -51,6 +51,7 @@ WRITE_BYTES = 64 << 20  # and bytes in flight at most
 FILE_CHUNK = 4 << 20  # bytes per read of a file restore
 WRITEBACK_INTERVAL = 0.05
 TEMP_MARK = ".rbd2qcow2-restoring-"  # an RBD restore writes <name><mark><random>, renamed at the end
+STRAY_NAME_AGE = 300  # seconds: an id object without image this old is no create in progress
 ASIDE_MARK = ".rbd2qcow2-replaced-"  # --force: the old image under this name until the new one is in place
 
 
@@ -468,8 +469,10 @@ def _leftovers(cluster: Cluster, dest: ImageSpec) -> list[ImageSpec]:
 
     Returns the temporary ones that could not be removed yet.
     """
+    images = cluster.list_images(dest.pool, dest.namespace)
+    _free_the_name(cluster, dest, [s for s in images if s.name.startswith(dest.name + TEMP_MARK)])
     stale = []
-    for spec in cluster.list_images(dest.pool, dest.namespace):
+    for spec in images:
         if spec.name.startswith(dest.name + TEMP_MARK):
             logger.warning("%s: removing %s, left by an interrupted restore", dest, spec.name)
             try:
@@ -484,6 +487,36 @@ def _leftovers(cluster: Cluster, dest: ImageSpec) -> list[ImageSpec]:
                 spec.name,
             )
     return stale
+
+
+def _free_the_name(cluster: Cluster, dest: ImageSpec, temps: list[ImageSpec]) -> None:
+    """Remove the stray id object a killed rename of ours (or a dead create) left under ``dest``.
+
+    An object that names one of our temporary images, or an image without a
+    header written long enough ago, holds the name for no image; anything
+    else may be another client's create in progress, and is refused.
+    """
+    stray = cluster.stray_name(dest)
+    if stray is None:
+        return
+    ours = set()
+    for spec in temps:
+        with contextlib.suppress(Error):
+            ours.add(cluster.image_id(spec))
+    if stray.image_id not in ours and (stray.header or stray.age < STRAY_NAME_AGE):
+        raise TargetError(
+            f"image {dest} is not in the pool's directory, yet its id object rbd_id.{dest.name} exists "
+            f"(image id {stray.image_id}, written {stray.age:.0f} s ago): an interrupted create or rename; "
+            "remove that object once no client is creating the image"
+        )
+    logger.warning(
+        "%s: removing rbd_id.%s (image id %s, written %.0f s ago), left by an interrupted create or rename",
+        dest,
+        dest.name,
+        stray.image_id,
+        stray.age,
+    )
+    cluster.remove_stray_name(dest)
 
 
 def _remove_quietly(cluster: Cluster, dest: ImageSpec, what: str = "partly restored") -> None:

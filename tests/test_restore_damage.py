@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rbd
@@ -243,6 +244,62 @@ def test_rbd_restore_killed_leaves_no_image_under_the_name(
     assert "interrupted restore" in proc.stderr
     assert [i for i in _rbd_images(ceph) if i.startswith(new)] == [new]
     assert_same_content(rbd_export_head(ceph, new, tmp_path / "new"), expected)
+
+
+def _plant_stray_name(ceph: Ceph, name: str, image_id: str, mtime: int = 0) -> None:
+    """What librbd leaves when killed between writing a name's id object and its directory entry."""
+    data = len(image_id).to_bytes(4, "little") + image_id.encode()
+    ioctx: Any = ceph.ioctx  # the object calls are not in the bindings' stubs
+    if not mtime:
+        ioctx.write_full(f"rbd_id.{name}", data)
+    else:  # an operation's mtime is the one the object keeps
+        op = ioctx.create_write_op()
+        try:
+            op.write_full(data)
+            ioctx.operate_write_op(op, f"rbd_id.{name}", mtime=mtime)
+        finally:
+            op.release()
+    with pytest.raises(rbd.ImageExists):  # the name is now refused by librbd itself
+        rbd.RBD().create(ceph.ioctx, name, MiB)
+    assert name not in _rbd_images(ceph)
+
+
+def test_rbd_restore_after_a_rename_killed_half_way(ceph: Ceph, target: Path, image_name: str, tmp_path: Path) -> None:
+    """A restore killed inside librbd's rename leaves the name's id object; the next restore frees the name."""
+    ceph.create(image_name, 16 * MiB)
+    with ceph.image(image_name) as img:
+        img.write(os.urandom(8 * MiB), 0)
+    ref = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}").stdout.strip()
+    expected = rbd_export_head(ceph, image_name, tmp_path / "expected")
+    new = f"{image_name}-new"
+    temp = f"{new}.rbd2qcow2-restoring-0badc0de"
+    ceph.create(temp, 16 * MiB)
+    with ceph.image(temp) as img:
+        temp_id = img.id()
+    _plant_stray_name(ceph, new, temp_id)
+    proc = restore(target, ref, "--to", f"rbd:{ceph.pool}/{new}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"rbd_id.{new}" in proc.stderr and "interrupted create or rename" in proc.stderr
+    assert [i for i in _rbd_images(ceph) if i.startswith(new)] == [new]
+    assert_same_content(rbd_export_head(ceph, new, tmp_path / "new"), expected)
+
+
+def test_rbd_restore_refuses_a_name_another_client_may_be_creating(
+    ceph: Ceph, target: Path, image_name: str, tmp_path: Path
+) -> None:
+    ceph.create(image_name, 16 * MiB)
+    ref = run_cli("backup", "--target", str(target), f"{ceph.pool}/{image_name}").stdout.strip()
+    new = f"{image_name}-new"
+    _plant_stray_name(ceph, new, "1234abcd")
+    proc = restore(target, ref, "--to", f"rbd:{ceph.pool}/{new}")
+    assert proc.returncode == os.EX_CANTCREAT, proc.stderr
+    assert f"rbd_id.{new}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [i for i in _rbd_images(ceph) if i.startswith(new)]
+    # written long ago and naming no image: a dead create, removed
+    _plant_stray_name(ceph, new, "1234abcd", mtime=int(time.time()) - 3600)
+    proc = restore(target, ref, "--to", f"rbd:{ceph.pool}/{new}")
+    assert proc.returncode == 0, proc.stderr
+    assert [i for i in _rbd_images(ceph) if i.startswith(new)] == [new]
 
 
 def _wait_unwatched(ceph: Ceph, name: str) -> None:
