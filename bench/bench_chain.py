@@ -45,9 +45,9 @@ from pathlib import Path
 import rados
 import rbd
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from benchlib import (

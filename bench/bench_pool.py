@@ -396,61 +396,61 @@ def profiled(b: Bench, config: Path) -> Measurement:
 
 # (module, attribute, label, kind): kind "call" times each call, "cm" times a context manager's enter and exit.
 PROBES: list[tuple[str, str, str, str]] = [
-    ("config", "load", "load config", "call"),
-    ("nightly", "open_target", "open target", "call"),
-    ("ceph", "Cluster.__init__", "connect", "call"),
-    ("ceph", "Cluster.list_images", "list images", "call"),
-    ("ceph", "Cluster.close", "disconnect", "call"),
-    ("nightly", "_deleted", "scan for deleted images", "call"),
-    ("nightly", "_run_jobs", "jobs", "call"),
-    ("qemu", "storage_daemon", "qemu-storage-daemon", "cm"),
-    ("nightly", "_prepare", "prepare image", "call"),
-    ("nightly", "_finish", "image", "call"),
-    ("ceph", "Cluster.claim", "claim", "cm"),
-    ("nightly", "_point_since", "backed up elsewhere?", "call"),
-    ("nightly", "_prune_verify", "prune+verify", "call"),
-    ("nightly", "_last_success", "last success", "call"),
-    ("ceph", "Cluster.image", "rbd open", "cm"),
-    ("ceph", "RbdImage.metadata", "image-meta get", "call"),
-    ("ceph", "RbdImage.id", "image id", "call"),
-    ("ceph", "RbdImage.snapshots", "list snapshots", "call"),
-    ("ceph", "RbdImage.create_snapshot", "snapshot create", "call"),
-    ("ceph", "RbdImage.remove_snapshot", "snapshot remove", "call"),
-    ("ceph", "RbdImage.diff", "diff_iterate", "call"),
-    ("ceph", "RbdImage.read_many", "rbd read", "call"),
-    ("engine", "ImageBackup.__init__", "make dirs", "call"),
-    ("engine", "ImageBackup.start", "backup start", "call"),
-    ("engine", "ImageBackup.finish", "backup finish", "call"),
-    ("engine", "chain_lock", "chain lock", "cm"),
-    ("engine", "recover", "recover", "call"),
-    ("engine", "ImageBackup._clean_orphans", "clean orphans", "call"),
-    ("engine", "choose_base", "choose base", "call"),
-    ("engine", "ImageBackup._base_chain", "check base chain", "call"),
-    ("engine", "ImageBackup._write_point", "write point", "call"),
-    ("engine", "ImageBackup._transfer", "transfer", "call"),
-    ("engine", "ImageBackup._check_unchanged", "sample unchanged", "call"),
-    ("engine", "remove_snapshots", "remove old snapshots", "call"),
-    ("engine", "commit_file", "rename into place", "call"),
-    ("engine", "point_latest", "latest link", "call"),
-    ("engine", "record", "activity log", "call"),
-    ("nightly", "record", "activity log", "call"),
-    ("manifest", "load", "manifest load", "call"),
-    ("manifest", "save", "manifest save", "call"),
-    ("fsutil", "fsync_file", "fsync", "call"),
-    ("fsutil", "fsync_dir", "fsync dir", "call"),
-    ("qcow2", "create_layer", "create layer", "call"),
-    ("qemu", "check_layer", "qemu-img check", "call"),
-    ("qemu", "StorageDaemon.export_chain", "NBD export add", "call"),
-    ("qemu", "StorageDaemon.remove_export", "NBD export remove", "call"),
-    ("nbdio", "ConnectionPool.__init__", "NBD connect", "call"),
-    ("nbdio", "ConnectionPool.flush", "NBD flush", "call"),
-    ("nbdio", "ConnectionPool.close", "NBD disconnect", "call"),
-    ("pipeline", "Transfer.run", "pull data", "call"),
-    ("checksums", "OrderedWriter.finish", "checksum file finish", "call"),
-    ("nightly", "_verify", "verify", "call"),
-    ("verify", "ChainVerifier._structure", "structure", "call"),
-    ("verify", "ChainVerifier._sums_problem", "checksum file sha256", "call"),
-    ("verify", "ChainVerifier._modes", "file modes", "call"),
+    ("ops.config", "load", "load config", "call"),
+    ("ops.run", "open_target", "open target", "call"),
+    ("adapters.ceph", "Cluster.__init__", "connect", "call"),
+    ("adapters.ceph", "Cluster.list_images", "list images", "call"),
+    ("adapters.ceph", "Cluster.close", "disconnect", "call"),
+    ("ops.run", "_deleted", "scan for deleted images", "call"),
+    ("ops.run", "_run_jobs", "jobs", "call"),
+    ("adapters.qemu", "storage_daemon", "qemu-storage-daemon", "cm"),
+    ("ops.run", "_prepare", "prepare image", "call"),
+    ("ops.run", "_finish", "image", "call"),
+    ("adapters.ceph", "Cluster.claim", "claim", "cm"),
+    ("ops.run", "_point_since", "backed up elsewhere?", "call"),
+    ("ops.run", "_prune_verify", "prune+verify", "call"),
+    ("ops.run", "_last_success", "last success", "call"),
+    ("adapters.ceph", "Cluster.image", "rbd open", "cm"),
+    ("adapters.ceph", "RbdImage.metadata", "image-meta get", "call"),
+    ("adapters.ceph", "RbdImage.id", "image id", "call"),
+    ("adapters.ceph", "RbdImage.snapshots", "list snapshots", "call"),
+    ("adapters.ceph", "RbdImage.create_snapshot", "snapshot create", "call"),
+    ("adapters.ceph", "RbdImage.remove_snapshot", "snapshot remove", "call"),
+    ("adapters.ceph", "RbdImage.diff", "diff_iterate", "call"),
+    ("adapters.ceph", "RbdImage.read_many", "rbd read", "call"),
+    ("ops.backup", "ImageBackup.__init__", "make dirs", "call"),
+    ("ops.backup", "ImageBackup.start", "backup start", "call"),
+    ("ops.backup", "ImageBackup.finish", "backup finish", "call"),
+    ("ops.backup", "chain_lock", "chain lock", "cm"),
+    ("ops.backup", "recover", "recover", "call"),
+    ("ops.backup", "ImageBackup._clean_orphans", "clean orphans", "call"),
+    ("ops.backup", "choose_base", "choose base", "call"),
+    ("ops.backup", "ImageBackup._base_chain", "check base chain", "call"),
+    ("ops.backup", "ImageBackup._write_point", "write point", "call"),
+    ("ops.backup", "ImageBackup._transfer", "transfer", "call"),
+    ("ops.backup", "ImageBackup._check_unchanged", "sample unchanged", "call"),
+    ("ops.backup", "remove_snapshots", "remove old snapshots", "call"),
+    ("ops.backup", "commit_file", "rename into place", "call"),
+    ("ops.backup", "point_latest", "latest link", "call"),
+    ("ops.backup", "record", "activity log", "call"),
+    ("ops.run", "record", "activity log", "call"),
+    ("store.manifest", "load", "manifest load", "call"),
+    ("store.manifest", "save", "manifest save", "call"),
+    ("store.fsutil", "fsync_file", "fsync", "call"),
+    ("store.fsutil", "fsync_dir", "fsync dir", "call"),
+    ("store.qcow2", "create_layer", "create layer", "call"),
+    ("adapters.qemu", "check_layer", "qemu-img check", "call"),
+    ("adapters.qemu", "StorageDaemon.export_chain", "NBD export add", "call"),
+    ("adapters.qemu", "StorageDaemon.remove_export", "NBD export remove", "call"),
+    ("adapters.nbdio", "ConnectionPool.__init__", "NBD connect", "call"),
+    ("adapters.nbdio", "ConnectionPool.flush", "NBD flush", "call"),
+    ("adapters.nbdio", "ConnectionPool.close", "NBD disconnect", "call"),
+    ("transfer.pipeline", "Transfer.run", "pull data", "call"),
+    ("store.checksums", "OrderedWriter.finish", "checksum file finish", "call"),
+    ("ops.run", "_verify", "verify", "call"),
+    ("ops.verify", "ChainVerifier._structure", "structure", "call"),
+    ("ops.verify", "ChainVerifier._sums_problem", "checksum file sha256", "call"),
+    ("ops.verify", "ChainVerifier._modes", "file modes", "call"),
 ]
 
 
@@ -524,7 +524,10 @@ def profile_child(config: str, out: str) -> int:
     import importlib
 
     start = time.perf_counter()
-    from rbd2qcow2 import ceph, cli, nightly, report  # noqa: F401 - what `run` imports: timed as "imports"
+    from rbd2qcow2.adapters import ceph
+    from rbd2qcow2.cli import main as cli
+    from rbd2qcow2.cli import report  # noqa: F401 - what `run` imports: timed as "imports"
+    from rbd2qcow2.ops import run as nightly  # noqa: F401 - what `run` imports: timed as "imports"
 
     prof = Profile()
     prof.add("main/imports", time.perf_counter() - start)
@@ -636,9 +639,9 @@ def _tree(data: dict[str, list[float]], path: str, images: int, indent: int) -> 
 
 def check_content(b: Bench, name: str) -> None:
     """``qemu-img convert`` of the image's latest point equals ``rbd export`` of the last round snapshot."""
-    from rbd2qcow2 import manifest as mf
-    from rbd2qcow2.names import ImageSpec
-    from rbd2qcow2.target import chain_dir
+    from rbd2qcow2.core.names import ImageSpec
+    from rbd2qcow2.store import manifest as mf
+    from rbd2qcow2.store.target import chain_dir
 
     directory = chain_dir(b.target, ImageSpec(POOL, "", name))
     manifest = mf.load(directory)
@@ -675,10 +678,11 @@ def startup_costs(b: Bench) -> list[str]:
 
 def qemu_img_costs(b: Bench) -> str:
     """Wall and CPU of creating one layer (in-process) and one ``qemu-img check`` of a layer, as rbd2qcow2 runs them."""
-    from rbd2qcow2 import manifest as mf
-    from rbd2qcow2 import qcow2, qemu
-    from rbd2qcow2.names import ImageSpec
-    from rbd2qcow2.target import chain_dir
+    from rbd2qcow2.adapters import qemu
+    from rbd2qcow2.core.names import ImageSpec
+    from rbd2qcow2.store import manifest as mf
+    from rbd2qcow2.store import qcow2
+    from rbd2qcow2.store.target import chain_dir
 
     directory = chain_dir(b.target, ImageSpec(POOL, "", b.images[0]))
     manifest = mf.load(directory)

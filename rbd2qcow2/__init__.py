@@ -14,17 +14,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import Cancelled, Error
+from .core.errors import Cancelled, Error
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .ceph import CephOptions
-    from .engine import BackupOptions, BackupResult, backup
+    from .adapters.ceph import CephOptions
+    from .ops.backup import BackupOptions, BackupResult, backup
 
 # The Ceph bindings load on first use, so that restores from files work on a
 # machine without them.
-_LAZY = {"BackupOptions": "engine", "BackupResult": "engine", "backup": "engine", "CephOptions": "ceph"}
+_LAZY = {
+    "BackupOptions": "ops.backup",
+    "BackupResult": "ops.backup",
+    "backup": "ops.backup",
+    "CephOptions": "adapters.ceph",
+}
 
 
 def __getattr__(name: str) -> Any:

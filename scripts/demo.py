@@ -105,7 +105,7 @@ def main() -> int:
 
 
 def _snapshot_of(target: Path, point: str) -> str:
-    from rbd2qcow2 import manifest
+    from rbd2qcow2.store import manifest
 
     m = manifest.load(target / "demo" / "web-01")
     assert m is not None

@@ -27,12 +27,12 @@ from pathlib import Path
 import rbd
 from helpers import REPO, Ceph
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.errors import ChainDamaged
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.qemu import DIR_PREFIX
-from rbd2qcow2.restore import locate, restore_file
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.adapters.qemu import DIR_PREFIX
+from rbd2qcow2.core.errors import ChainDamaged
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.ops.restore import locate, restore_file
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 SEED_ENV = "RBD2QCOW2_FAULT_SEED"
 KILLS_ENV = "RBD2QCOW2_FAULT_KILLS"

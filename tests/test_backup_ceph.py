@@ -8,9 +8,9 @@ import pytest
 from helpers import Ceph, MiB, Workload, assert_same_content, qcow2_to_raw
 
 import rbd2qcow2
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 
@@ -47,8 +47,9 @@ def test_large_and_small_diffs_match_rbd_export(
     """A diff with more than READER_WORTH to read goes through threads and io_uring, a small one
     through the calling thread and Linux AIO: both write exactly the snapshot.  This image is
     "large" for the diff made ahead too: its diff is made in the job, as for images above 1 GiB."""
-    from rbd2qcow2 import engine, qemu
-    from rbd2qcow2.pipeline import READER_WORTH
+    from rbd2qcow2.adapters import qemu
+    from rbd2qcow2.ops import backup as engine
+    from rbd2qcow2.transfer.pipeline import READER_WORTH
 
     monkeypatch.setattr(engine, "AHEAD_DIFF_MAX", 64 * MiB)
 

@@ -17,9 +17,9 @@ import bootguest
 import pytest
 from helpers import Ceph, MiB, run_cli
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = [pytest.mark.ceph, pytest.mark.slow]
 

@@ -8,10 +8,10 @@ import time
 import pytest
 from helpers import Ceph, MiB
 
-from rbd2qcow2.ceph import CephOptions, Cluster, RbdImage
-from rbd2qcow2.errors import CephError
-from rbd2qcow2.extents import Extent
-from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.adapters.ceph import CephOptions, Cluster, RbdImage
+from rbd2qcow2.core.errors import CephError
+from rbd2qcow2.core.extents import Extent
+from rbd2qcow2.core.names import ImageSpec
 
 pytestmark = pytest.mark.ceph
 

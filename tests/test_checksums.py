@@ -15,8 +15,8 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rbd2qcow2 import checksums as cs
-from rbd2qcow2.errors import ChainDamaged
+from rbd2qcow2.core.errors import ChainDamaged
+from rbd2qcow2.store import checksums as cs
 
 B = cs.BLOCK_SIZE
 RECORD = struct.Struct("<Q16s")

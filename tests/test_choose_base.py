@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.ceph import SnapInfo
-from rbd2qcow2.engine import Base, choose_base
-from rbd2qcow2.names import ImageSpec, snapshot_name
+from rbd2qcow2.adapters.ceph import SnapInfo
+from rbd2qcow2.core.names import ImageSpec, snapshot_name
+from rbd2qcow2.ops.backup import Base, choose_base
+from rbd2qcow2.store import manifest as mf
 
 TAG = "0123abcd"
 IMAGE_ID = "1f2e3d4c"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rbd2qcow2.ceph import LAPSE_MARGIN, Claim, Lease
-from rbd2qcow2.errors import ClaimLost
+from rbd2qcow2.adapters.ceph import LAPSE_MARGIN, Claim, Lease
+from rbd2qcow2.core.errors import ClaimLost
 
 
 def test_renewals_come_at_most_every_half_lease() -> None:

@@ -8,9 +8,9 @@ import time
 import pytest
 from helpers import Ceph
 
-from rbd2qcow2.ceph import CephOptions, Cluster
-from rbd2qcow2.errors import ClaimLost
-from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.adapters.ceph import CephOptions, Cluster
+from rbd2qcow2.core.errors import ClaimLost
+from rbd2qcow2.core.names import ImageSpec
 
 pytestmark = pytest.mark.ceph
 

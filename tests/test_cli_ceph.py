@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, Ceph, MiB, Workload, assert_same_content, qcow2_to_raw, run_cli
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.faults import CRASH_ENV, POINTS, STALL_ENV, STALL_FILE_ENV
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.faults import CRASH_ENV, POINTS, STALL_ENV, STALL_FILE_ENV
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 
@@ -302,7 +302,7 @@ def test_hostile_names(ceph_cluster: object, ceph: Ceph, tmp_path: Path) -> None
     """Names that naive escaping would mangle or collide: each its own chain, right content."""
     import uuid
 
-    from rbd2qcow2.names import encode
+    from rbd2qcow2.core.names import encode
 
     pool = f"hostile-{uuid.uuid4().hex[:6]}"
     ceph_cluster.create_pool(pool)  # type: ignore[attr-defined]

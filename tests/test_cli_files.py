@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_cli
 
-from rbd2qcow2 import cli
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.fsutil import make_dirs
-from rbd2qcow2.names import ImageSpec, chain_relpath
-from rbd2qcow2.target import open_target
+from rbd2qcow2.cli import main as cli
+from rbd2qcow2.core.names import ImageSpec, chain_relpath
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.fsutil import make_dirs
+from rbd2qcow2.store.target import open_target
 
 IMAGE = ImageSpec("rbd", "", "vm1")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from rbd2qcow2.config import load
-from rbd2qcow2.errors import ConfigError
-from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.core.errors import ConfigError
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.ops.config import load
 
 GOOD = """
 target = "/backup"

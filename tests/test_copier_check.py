@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from rbd2qcow2.checksums import BLOCK_SIZE, digest
-from rbd2qcow2.copier import BlockCheck, Copier
-from rbd2qcow2.errors import ChainDamaged
-from rbd2qcow2.extents import Chunk, Kind
+from rbd2qcow2.core.errors import ChainDamaged
+from rbd2qcow2.core.extents import Chunk, Kind
+from rbd2qcow2.store.checksums import BLOCK_SIZE, digest
+from rbd2qcow2.transfer.copier import BlockCheck, Copier
 
 B = BLOCK_SIZE
 

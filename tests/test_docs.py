@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import config, errors
-from rbd2qcow2.cli import build_parser
+from rbd2qcow2.cli.main import build_parser
+from rbd2qcow2.core import errors
+from rbd2qcow2.ops import config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -111,8 +112,8 @@ def values(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> li
 
 
 def metric_names() -> list[str]:
-    """The metric names of ``report.METRICS``, read from the source (report.py imports the Ceph bindings)."""
-    tree = ast.parse((REPO / "rbd2qcow2" / "report.py").read_text())
+    """The metric names of ``report.METRICS``, read from the source (cli/report.py imports the Ceph bindings)."""
+    tree = ast.parse((REPO / "rbd2qcow2" / "cli" / "report.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "METRICS" for t in node.targets):
             value = ast.literal_eval(node.value)
@@ -224,7 +225,7 @@ def test_operations_names_the_metrics_exactly() -> None:
     assert not missing, f"metrics not documented: {missing}"
     mentioned = set(re.findall(r"\brbd2qcow2_[a-z_]+", text)) - {"rbd2qcow2_claim"}
     unknown = sorted(mentioned - set(names))
-    assert not unknown, f"operations.md names metrics that report.py does not write: {unknown}"
+    assert not unknown, f"operations.md names metrics that cli/report.py does not write: {unknown}"
 
 
 def test_operations_exit_code_table_is_complete() -> None:

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from rbd2qcow2 import errors
-from rbd2qcow2.errors import (
+from rbd2qcow2.core import errors
+from rbd2qcow2.core.errors import (
     SEVERITY,
     Cancelled,
     CephError,
@@ -225,8 +225,8 @@ def test_severity_order() -> None:
 
 
 def test_a_qemu_error_of_a_full_disk_is_target_full() -> None:
-    from rbd2qcow2.errors import NbdError, QemuError
-    from rbd2qcow2.prune import _full
+    from rbd2qcow2.core.errors import NbdError, QemuError
+    from rbd2qcow2.ops.prune import _full
 
     full = _full(NbdError("write of 65536 bytes at 0 failed: nbd_pwrite: No space left on device"))
     assert isinstance(full, errors.TargetFull) and str(full).startswith("target file system full: NBD: write")

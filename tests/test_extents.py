@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rbd2qcow2.extents import Chunk, Extent, Kind, Range, align_down, align_up, plan, subtract, union, windows
+from rbd2qcow2.core.extents import Chunk, Extent, Kind, Range, align_down, align_up, plan, subtract, union, windows
 
 R, Z = Kind.READ, Kind.ZERO
 K = 65536  # the default cluster size

@@ -2,8 +2,8 @@
 
 The daemon opens our files itself, so the CLI has no place to put a
 blkdebug node; here the layer is exported as the backup exports it
-(:func:`rbd2qcow2.qemu.chain_options`) with a blkdebug node between qcow2
-and the file, and the writer (:mod:`rbd2qcow2.nbdio`) must see the error:
+(:func:`rbd2qcow2.adapters.qemu.chain_options`) with a blkdebug node between qcow2
+and the file, and the writer (:mod:`rbd2qcow2.adapters.nbdio`) must see the error:
 a write or flush that failed on the target is never reported as done.
 """
 
@@ -16,9 +16,10 @@ from typing import Any
 import faultlib as fl
 import pytest
 
-from rbd2qcow2 import qcow2, qemu
-from rbd2qcow2.errors import NbdError
-from rbd2qcow2.nbdio import Connection
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.adapters.nbdio import Connection
+from rbd2qcow2.core.errors import NbdError
+from rbd2qcow2.store import qcow2
 
 pytestmark = pytest.mark.faults
 

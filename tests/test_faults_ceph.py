@@ -22,7 +22,7 @@ import rbd
 from cephcluster import CephCluster
 from helpers import Ceph, MiB
 
-from rbd2qcow2.faults import STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
+from rbd2qcow2.core.faults import STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.ceph]
 

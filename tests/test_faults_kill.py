@@ -26,7 +26,7 @@ import pytest
 import rbd
 from helpers import Ceph, MiB
 
-from rbd2qcow2 import manifest as mf
+from rbd2qcow2.store import manifest as mf
 
 pytestmark = [pytest.mark.faults, pytest.mark.ceph]
 

@@ -18,10 +18,10 @@ import faultlib as fl
 import pytest
 from helpers import Ceph, MiB
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.faults import CRASH_ENV
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.faults import CRASH_ENV
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = [pytest.mark.faults, pytest.mark.ceph]
 

@@ -19,7 +19,7 @@ import faultlib as fl
 import pytest
 from helpers import Ceph, MiB
 
-from rbd2qcow2.faults import CRASH_ENV, STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
+from rbd2qcow2.core.faults import CRASH_ENV, STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.ceph]
 

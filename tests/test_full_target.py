@@ -17,9 +17,9 @@ import loopfs
 import pytest
 from helpers import Ceph, MiB, Workload, assert_same_content, run_cli
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.names import ImageSpec, sums_file
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.names import ImageSpec, sums_file
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 BOOKKEEPING = {"lock", mf.NAME, "latest"}

@@ -9,10 +9,10 @@ from typing import cast
 
 import pytest
 
-from rbd2qcow2.ceph import RbdImage
-from rbd2qcow2.engine import SnapshotJanitor, remove_snapshots
-from rbd2qcow2.errors import CephError, NotFound
-from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.adapters.ceph import RbdImage
+from rbd2qcow2.core.errors import CephError, NotFound
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.ops.backup import SnapshotJanitor, remove_snapshots
 
 IMAGE = ImageSpec("rbd", "", "vm")
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.errors import ChainDamaged, DataError
-from rbd2qcow2.names import ImageSpec
+from rbd2qcow2.core.errors import ChainDamaged, DataError
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
 
 TAG = "0123abcd"
 
@@ -441,7 +441,7 @@ def test_missing_manifest_with_layers_is_damage(tmp_path: Path) -> None:
 
 
 def test_clean_up_removes_only_what_the_journal_names(tmp_path: Path) -> None:
-    from rbd2qcow2.chain import remove_orphan_files
+    from rbd2qcow2.store.chain import remove_orphan_files
 
     new, stray = "20240305T000000Z", "20240306T000000Z"
     journal = (f"{new}.qcow2.partial", f"{new}.sums.partial", f"{new}.qcow2", f"{new}.sums")
@@ -459,7 +459,7 @@ def test_clean_up_removes_only_what_the_journal_names(tmp_path: Path) -> None:
 
 
 def test_clean_up_never_removes_a_named_file(tmp_path: Path) -> None:
-    from rbd2qcow2.chain import remove_orphan_files
+    from rbd2qcow2.store.chain import remove_orphan_files
 
     m = dataclasses.replace(sample(), writing=(f"{P1}.qcow2", f"{P1}.sums"))  # a journal naming committed files
     mf.save(tmp_path, m)
@@ -486,10 +486,10 @@ def alarm() -> Any:
 
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "directory"])
 def test_chain_files_are_opened_only_as_regular_files(tmp_path: Path, kind: str, alarm: None) -> None:
-    from rbd2qcow2 import merge
-    from rbd2qcow2.checksums import file_sha256, read_records
-    from rbd2qcow2.deepcheck import MappedChain
-    from rbd2qcow2.qcow2 import read_header
+    from rbd2qcow2.ops import merge
+    from rbd2qcow2.store.checksums import file_sha256, read_records
+    from rbd2qcow2.store.qcow2 import read_header
+    from rbd2qcow2.transfer.deepcheck import MappedChain
 
     path = tmp_path / f"{P1}.sums"
     if kind == "fifo":

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import merge, qcow2, qemu
-from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records
-from rbd2qcow2.errors import DataError, InUse, QemuError
-from rbd2qcow2.merge import _verify
-from rbd2qcow2.nbdio import Connection
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.adapters.nbdio import Connection
+from rbd2qcow2.core.errors import DataError, InUse, QemuError
+from rbd2qcow2.ops import merge
+from rbd2qcow2.ops.merge import _verify
+from rbd2qcow2.store import qcow2
+from rbd2qcow2.store.checksums import BLOCK_SIZE, block_records, unpack_records
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -365,7 +367,7 @@ def test_backing_layers_open_read_only(tmp_path: Path) -> None:
 
 
 def test_export_for_reading_reads_the_chain(chain: list[Path], daemon: qemu.StorageDaemon) -> None:
-    from rbd2qcow2.nbdio import Connection
+    from rbd2qcow2.adapters.nbdio import Connection
 
     expected = raw(chain[-1])
     export = daemon.export_for_reading(chain)

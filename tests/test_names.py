@@ -9,8 +9,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from rbd2qcow2.errors import UsageError
-from rbd2qcow2.names import (
+from rbd2qcow2.core.errors import UsageError
+from rbd2qcow2.core.names import (
     MAX_COMPONENT,
     NAMESPACE_MARK,
     SNAP_PREFIX,

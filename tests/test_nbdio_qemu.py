@@ -6,9 +6,10 @@ import os
 import threading
 from pathlib import Path
 
-from rbd2qcow2 import qcow2, qemu
-from rbd2qcow2.errors import NbdError
-from rbd2qcow2.nbdio import Connection, ConnectionPool
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.adapters.nbdio import Connection, ConnectionPool
+from rbd2qcow2.core.errors import NbdError
+from rbd2qcow2.store import qcow2
 
 MiB = 1 << 20
 

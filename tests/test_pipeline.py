@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from rbd2qcow2.checksums import BLOCK_SIZE, block_records, unpack_records, zero_digest
-from rbd2qcow2.extents import Chunk, Kind
-from rbd2qcow2.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer, peek_small
+from rbd2qcow2.core.extents import Chunk, Kind
+from rbd2qcow2.store.checksums import BLOCK_SIZE, block_records, unpack_records, zero_digest
+from rbd2qcow2.transfer.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer, peek_small
 
 MiB = 1 << 20
 

@@ -9,8 +9,9 @@ from typing import Any
 import loopfs
 import pytest
 
-from rbd2qcow2 import qcow2, qemu
-from rbd2qcow2.nbdio import Connection
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.adapters.nbdio import Connection
+from rbd2qcow2.store import qcow2
 
 MiB = 1 << 20
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from helpers import Ceph, MiB, Workload, assert_same_content, qcow2_to_raw, run_cli
 
-from rbd2qcow2 import fsutil, merge, qemu
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.prune import delete_point
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.ops import merge
+from rbd2qcow2.ops.prune import delete_point
+from rbd2qcow2.store import fsutil
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 

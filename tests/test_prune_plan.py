@@ -9,16 +9,17 @@ from typing import Any
 
 import pytest
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2 import prune, qemu
-from rbd2qcow2.errors import ChainDamaged, NotFound
-from rbd2qcow2.extents import Extent
-from rbd2qcow2.merge import VERIFY_READ, merge_extents, plan_read_back
-from rbd2qcow2.merge import method as merge_method
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.prune import Delete, ImagePlan, Merge, PruneOptions
-from rbd2qcow2.refs import PointRef, parse_ref, select
-from rbd2qcow2.retention import Decision, Policy
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.core.errors import ChainDamaged, NotFound
+from rbd2qcow2.core.extents import Extent
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.core.retention import Decision, Policy
+from rbd2qcow2.ops import prune
+from rbd2qcow2.ops.merge import VERIFY_READ, merge_extents, plan_read_back
+from rbd2qcow2.ops.merge import method as merge_method
+from rbd2qcow2.ops.prune import Delete, ImagePlan, Merge, PruneOptions
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.refs import PointRef, parse_ref, select
 
 IMAGE = ImageSpec("p", "", "i")
 TAG = "0123abcd"
@@ -504,7 +505,7 @@ def test_merge_method_copy_when_the_file_a_commit_writes_has_other_links() -> No
 
 
 def test_only_the_oldest_dropped_layer_is_written_by_a_commit(tmp_path: Path) -> None:
-    from rbd2qcow2.merge import commit_base, linked_elsewhere
+    from rbd2qcow2.ops.merge import commit_base, linked_elsewhere
 
     m = manifest([A, B, C, D])
     base = commit_base(tmp_path, m, (B, C))
@@ -585,7 +586,7 @@ def test_select_refuses_a_point_a_commit_merge_is_rewriting() -> None:
 
 
 def test_map_of_one_layer_marks_what_it_leaves_to_its_backing() -> None:
-    from rbd2qcow2.qemu import _host_extents
+    from rbd2qcow2.adapters.qemu import _host_extents
 
     text = (
         '[{ "start": 0, "length": 65536, "depth": 0, "present": false, "zero": true, "data": false},\n'

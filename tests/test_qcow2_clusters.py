@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import qcow2, qemu
-from rbd2qcow2.errors import QemuError
-from rbd2qcow2.merge import own_extents
-from rbd2qcow2.qcow2 import host_clusters
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.core.errors import QemuError
+from rbd2qcow2.ops.merge import own_extents
+from rbd2qcow2.store import qcow2
+from rbd2qcow2.store.qcow2 import host_clusters
 
 KiB, MiB = 1 << 10, 1 << 20
 CLUSTER = 64 * KiB

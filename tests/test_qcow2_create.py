@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import qcow2
-from rbd2qcow2.errors import StorageError, TargetError
+from rbd2qcow2.core.errors import StorageError, TargetError
+from rbd2qcow2.store import qcow2
 
 KiB, MiB, GiB, TiB, PiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40, 1 << 50
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import qemu
-from rbd2qcow2.copier import Copier
-from rbd2qcow2.errors import QemuError
-from rbd2qcow2.extents import Chunk, Kind
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.core.errors import QemuError
+from rbd2qcow2.core.extents import Chunk, Kind
+from rbd2qcow2.transfer.copier import Copier
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_closing_a_stuck_daemon_is_bounded(short_waits: None) -> None:
 
 def test_export_removal_from_a_stuck_daemon_fails(short_waits: None, tmp_path: Path) -> None:
     layer = tmp_path / "l.qcow2"
-    from rbd2qcow2 import qcow2
+    from rbd2qcow2.store import qcow2
 
     qcow2.create_layer(layer, 1 << 20, None)
     with qemu.storage_daemon() as daemon:

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from helpers import Ceph, MiB, Workload, assert_same_content, run_cli
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.checksums import ZERO_DIGEST, digest, write_records
-from rbd2qcow2.names import ImageSpec, snapshot_name
-from rbd2qcow2.qcow2 import create_layer
-from rbd2qcow2.target import chain_dir, open_target
+from rbd2qcow2.core.names import ImageSpec, snapshot_name
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.checksums import ZERO_DIGEST, digest, write_records
+from rbd2qcow2.store.qcow2 import create_layer
+from rbd2qcow2.store.target import chain_dir, open_target
 
 P1, P2, P3, P4 = "20260101T000000Z", "20260102T000000Z", "20260103T000000Z", "20260103T000000Z-2"
 IMAGE = ImageSpec("rbd", "", "vm")
@@ -329,7 +329,7 @@ def test_kill9_in_a_first_backup_is_cleaned_up_by_the_journal(
     ceph: Ceph, target: Path, image_name: str, tmp_path: Path, where: str
 ) -> None:
     """Even the first backup leaves a manifest (no points, a journal); what nothing names is left alone."""
-    from rbd2qcow2.faults import CRASH_ENV
+    from rbd2qcow2.core.faults import CRASH_ENV
 
     ceph.create(image_name, 24 * MiB)
     with ceph.image(image_name) as img:

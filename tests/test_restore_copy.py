@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rbd2qcow2.ceph import AsyncWrites
-from rbd2qcow2.copier import Copier as _Copier
-from rbd2qcow2.copier import block_runs, split_at
-from rbd2qcow2.errors import CephError
-from rbd2qcow2.extents import Chunk, Kind
+from rbd2qcow2.adapters.ceph import AsyncWrites
+from rbd2qcow2.core.errors import CephError
+from rbd2qcow2.core.extents import Chunk, Kind
+from rbd2qcow2.transfer.copier import Copier as _Copier
+from rbd2qcow2.transfer.copier import block_runs, split_at
 
 KiB, MiB = 1 << 10, 1 << 20
 OBJECT = 4 * MiB

@@ -21,10 +21,10 @@ import rbd
 from helpers import REPO, Ceph, MiB, assert_same_content, run_cli
 from test_restore_ceph import build_chain, rbd_export_head, restore
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.faults import CRASH_ENV, STALL_ENV, STALL_FILE_ENV
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.faults import CRASH_ENV, STALL_ENV, STALL_FILE_ENV
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 TIMEOUT = 300  # a restore that hangs fails the test instead of holding it

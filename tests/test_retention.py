@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rbd2qcow2.retention import Decision, Policy, Stamp, decide, parse_duration
+from rbd2qcow2.core.retention import Decision, Policy, Stamp, decide, parse_duration
 
 
 def at(text: str) -> datetime:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import nightly
-from rbd2qcow2.errors import QemuError
+from rbd2qcow2.core.errors import QemuError
+from rbd2qcow2.ops import run as nightly
 
 
 def kill(daemon_pid: int | None) -> None:

@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rbd2qcow2.extents import Extent, boundary_extent, sample_ranges, union
+from rbd2qcow2.core.extents import Extent, boundary_extent, sample_ranges, union
 
 ranges_st = st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 3_000)), max_size=8).map(
     lambda xs: union((s, s + n) for s, n in xs)

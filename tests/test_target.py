@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2.errors import TargetError
-from rbd2qcow2.fsutil import RESERVE, RESERVE_BYTES, keep_reserve, release_reserve
-from rbd2qcow2.target import TAG_FILE, open_target
+from rbd2qcow2.core.errors import TargetError
+from rbd2qcow2.store.fsutil import RESERVE, RESERVE_BYTES, keep_reserve, release_reserve
+from rbd2qcow2.store.target import TAG_FILE, open_target
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_concurrent_first_runs_agree_on_one_tag(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from rbd2qcow2.target import open_target\n"
+        "from rbd2qcow2.store.target import open_target\n"
         "start = float(sys.argv[2])\n"
         "while time.time() < start: pass\n"
         "print(open_target(Path(sys.argv[1]), create=True))\n"

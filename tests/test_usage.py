@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2 import usage
-from rbd2qcow2.errors import ChainDamaged, QemuError
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.qemu import MapExtent
-from rbd2qcow2.target import chain_dir, open_target
+from rbd2qcow2.adapters.qemu import MapExtent
+from rbd2qcow2.core.errors import ChainDamaged, QemuError
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.ops import usage
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir, open_target
 
 MiB = 1 << 20
 P1, P2, P3 = "20260101T000000Z", "20260102T000000Z", "20260103T000000Z"

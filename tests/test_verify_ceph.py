@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO, Ceph, MiB, Workload, assert_same_content, run_cli
 
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.target import chain_dir
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.target import chain_dir
 
 pytestmark = pytest.mark.ceph
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2 import deepcheck, hashworker, qemu
-from rbd2qcow2 import manifest as mf
-from rbd2qcow2.checksums import BLOCK_SIZE, OrderedWriter, block_records, digest
-from rbd2qcow2.deepcheck import Checker, MappedChain, check_point, plan_reads
-from rbd2qcow2.errors import Error
-from rbd2qcow2.names import ImageSpec
-from rbd2qcow2.verify import ChainVerifier, Report, VerifyOptions, _DaemonOnDemand
+from rbd2qcow2.adapters import qemu
+from rbd2qcow2.core.errors import Error
+from rbd2qcow2.core.names import ImageSpec
+from rbd2qcow2.ops.verify import ChainVerifier, Report, VerifyOptions, _DaemonOnDemand
+from rbd2qcow2.store import manifest as mf
+from rbd2qcow2.store.checksums import BLOCK_SIZE, OrderedWriter, block_records, digest
+from rbd2qcow2.transfer import deepcheck, hashworker
+from rbd2qcow2.transfer.deepcheck import Checker, MappedChain, check_point, plan_reads
 
 B = BLOCK_SIZE
 KiB, MiB = 1 << 10, 1 << 20

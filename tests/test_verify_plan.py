@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rbd2qcow2.checksums import BLOCK_SIZE, ZERO_DIGEST, digest, zero_digest
-from rbd2qcow2.deepcheck import Checker, HostRun, Planner, ReadPlan, plan_reads
-from rbd2qcow2.errors import QemuError
-from rbd2qcow2.qemu import HostExtent, split_map_output
+from rbd2qcow2.adapters.qemu import HostExtent, split_map_output
+from rbd2qcow2.core.errors import QemuError
+from rbd2qcow2.store.checksums import BLOCK_SIZE, ZERO_DIGEST, digest, zero_digest
+from rbd2qcow2.transfer.deepcheck import Checker, HostRun, Planner, ReadPlan, plan_reads
 
 B = BLOCK_SIZE
 MiB = 1 << 20
@@ -190,7 +190,7 @@ def test_checker_blocks_out_of_order() -> None:
 
 
 def test_checker_records_from_the_pipeline() -> None:
-    from rbd2qcow2.checksums import block_records
+    from rbd2qcow2.store.checksums import block_records
 
     content = b"\7" * B + bytes(B)
     checker = Checker({0: digest(b"\7" * B)}, 2 * B)

@@ -1,0 +1,1 @@
+"""Moving and checking blocks: the diff-puller, the checked copier, the deep check, progress, threads."""
