@@ -55,9 +55,9 @@ from ..store.fsutil import chain_lock
 from ..store.qcow2 import check_header, read_header
 from ..store.refs import parse_ref, select
 from ..store.target import chain_dir, iter_chains, open_target
-from ..transfer.background import Later, in_parallel
 from ..transfer.deepcheck import Checker, MappedChain, NullSink, check_point
 from ..transfer.progress import Progress
+from ..transfer.threads import Later, in_parallel
 from .prune import recover
 
 if TYPE_CHECKING:
