@@ -32,7 +32,7 @@ def export_with_blkdebug(daemon: qemu.StorageDaemon, layer: Path, config: Path) 
     opts["node-name"] = "faulty"
     daemon.cmd("blockdev-add", **opts)
     daemon.cmd("block-export-add", type="nbd", id="e-faulty", **{"node-name": "faulty"}, writable=True)
-    return qemu.Export(name="faulty", socket=daemon._nbd_socket, node="faulty", id="e-faulty")
+    return qemu.Export(name="faulty", socket=daemon.nbd_socket, node="faulty", id="e-faulty")
 
 
 @pytest.mark.parametrize("event", ["write_aio", "flush_to_disk", "l2_update"])

@@ -291,7 +291,7 @@ def test_read_back_of_blocks_stored_out_of_virtual_order_with_a_short_last_block
 
 def test_commit_opens_only_the_base_writable() -> None:
     files = [Path("a.qcow2"), Path("b.qcow2"), Path("c.qcow2")]
-    base, top = qemu._commit_options(files, 1, "top", "base", qemu.CommitWay("io_uring", True, True))
+    base, top = qemu.commit_options(files, 1, "top", "base", qemu.CommitWay("io_uring", True, True))
     # The base alone, writable, without backing node, through the preallocate filter with O_DIRECT.
     assert base == {
         "driver": "qcow2",
@@ -310,9 +310,9 @@ def test_commit_opens_only_the_base_writable() -> None:
         "read-only": True,
         "node-name": "top",
     }
-    plain, _ = qemu._commit_options(files, 1, "top", "base", qemu.CommitWay(None, False, False))
+    plain, _ = qemu.commit_options(files, 1, "top", "base", qemu.CommitWay(None, False, False))
     assert plain["file"] == {"driver": "file", "filename": "b.qcow2"}
-    _, two = qemu._commit_options([*files, Path("d.qcow2")], 1, "top", "base", qemu.COMMIT_WAYS[0])
+    _, two = qemu.commit_options([*files, Path("d.qcow2")], 1, "top", "base", qemu.COMMIT_WAYS[0])
     assert two["backing"]["backing"] == "base" and two["backing"]["read-only"] is True
 
 
@@ -389,7 +389,7 @@ def test_daemon_directories_of_dead_processes_are_removed(tmp_path: Path) -> Non
         d.mkdir()
         (d / "qsd.log").write_text("")
     plain.write_text("")
-    qemu._remove_stale_dirs(tmp_path)
+    qemu.remove_stale_dirs(tmp_path)
     assert not stale.exists()
     assert alive.exists() and other.exists() and plain.exists()
 

@@ -160,4 +160,4 @@ def test_removing_exports_leaves_no_events_behind(tmp_path: Path) -> None:
                 conn.flush()
             daemon.remove_export(export)
             assert daemon.cmd("query-block-exports") == []
-        assert daemon._connect().get_events(wait=False) == []
+        assert daemon.pending_events() == []

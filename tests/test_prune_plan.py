@@ -586,7 +586,7 @@ def test_select_refuses_a_point_a_commit_merge_is_rewriting() -> None:
 
 
 def test_map_of_one_layer_marks_what_it_leaves_to_its_backing() -> None:
-    from rbd2qcow2.adapters.qemu import _host_extents
+    from rbd2qcow2.adapters.qemu import host_extents
 
     text = (
         '[{ "start": 0, "length": 65536, "depth": 0, "present": false, "zero": true, "data": false},\n'
@@ -594,7 +594,7 @@ def test_map_of_one_layer_marks_what_it_leaves_to_its_backing() -> None:
         ' "offset": 327680},\n'
         '{ "start": 131072, "length": 65536, "depth": 0, "present": true, "zero": true, "data": false}]'
     )
-    own = _host_extents(text, own=True)
+    own = host_extents(text, own=True)
     assert [e.depth for e in own] == [-1, 0, 0]
     assert own[1].offset == 327680 and own[2].zero
-    assert [e.depth for e in _host_extents(text)] == [0, 0, 0]
+    assert [e.depth for e in host_extents(text)] == [0, 0, 0]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rbd2qcow2.adapters import qemu
+from rbd2qcow2.adapters.qemu import process, session
 from rbd2qcow2.core.errors import QemuError
 from rbd2qcow2.core.extents import Chunk, Kind
 from rbd2qcow2.transfer.copier import Copier
@@ -19,8 +20,9 @@ from rbd2qcow2.transfer.copier import Copier
 
 @pytest.fixture
 def short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu, "QMP_TIMEOUT", 1.0)
-    monkeypatch.setattr(qemu, "QUIT_TIMEOUT", 1.0, raising=False)  # absent before the bounds
+    # Where the daemon's code reads them.
+    monkeypatch.setattr(session, "QMP_TIMEOUT", 1.0)
+    monkeypatch.setattr(process, "QUIT_TIMEOUT", 1.0)
 
 
 def test_a_command_to_a_stuck_daemon_fails_and_kills_it(short_waits: None) -> None:
