@@ -130,9 +130,9 @@ class Connection:
 
         A 64 KiB block is copied into a buffer of :data:`_SLOTS` and sent
         with the zero requests before any reply is awaited: one round trip
-        for the group instead of one per request (for 205 writes of 64 KiB,
-        35 ms instead of 40-50 and ~5 ms less CPU here).  Any other length
-        is written with a synchronous call.  The offsets must not overlap:
+        for the group instead of one per request, with qemu working on the
+        group's requests while later ones arrive.  Any other length is
+        written with a synchronous call.  The offsets must not overlap:
         NBD does not order requests in flight.  Sending stops at a request
         libnbd refuses; the first failure is raised once every request sent
         has completed, since libnbd reads the buffers until then.
