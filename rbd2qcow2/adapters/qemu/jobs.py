@@ -5,13 +5,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ...core.errors import QemuError
-from .session import QmpSession
 
 JOB_STALL_TIMEOUT = 300.0  # seconds a block job may go without progress
 POLL = 0.25  # seconds between looks at a job when qemu sends no event
+
+
+class JobHost(Protocol):
+    """What a job's wait needs of its daemon (:class:`~.session.QmpSession`)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def cmd(self, command: str, **args: Any) -> Any: ...
+
+    def expire(self, why: str) -> None: ...
+
+    def log_tail(self) -> str: ...
+
+    def next_event(self, timeout: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -44,15 +58,15 @@ class JobStatus:
         return self.status == "concluded"
 
 
-def job_status(session: QmpSession, job: str) -> JobStatus:
+def job_status(daemon: JobHost, job: str) -> JobStatus:
     """The status of ``job``; :class:`QemuError` when qemu no longer knows it."""
-    found = [j for j in session.cmd("query-jobs") if j.get("id") == job]
+    found = [j for j in daemon.cmd("query-jobs") if j.get("id") == job]
     if not found:
         raise QemuError(f"block job {job} vanished")
     return JobStatus.from_qmp(found[0])
 
 
-def wait_job(session: QmpSession, job: str, progress: Callable[[int], None] | None) -> None:
+def wait_job(daemon: JobHost, job: str, progress: Callable[[int], None] | None) -> None:
     """Until the job concluded; a job without progress for :data:`JOB_STALL_TIMEOUT` is given up (daemon killed).
 
     ``progress`` is told the bytes done since its last call.
@@ -60,22 +74,22 @@ def wait_job(session: QmpSession, job: str, progress: Callable[[int], None] | No
     done = 0
     moved = time.monotonic()
     while True:
-        status = job_status(session, job)
+        status = job_status(daemon, job)
         if status.progress > done:
             if progress is not None:
                 progress(status.progress - done)
             done = status.progress
             moved = time.monotonic()
         elif time.monotonic() - moved > JOB_STALL_TIMEOUT:
-            session.expire(f"block job {job} made no progress in {JOB_STALL_TIMEOUT:.0f} s")
+            daemon.expire(f"block job {job} made no progress in {JOB_STALL_TIMEOUT:.0f} s")
             raise QemuError(f"block job {job} made no progress in {JOB_STALL_TIMEOUT:.0f} s; daemon killed")
         if status.ready:
-            session.cmd("job-complete", id=job)
+            daemon.cmd("job-complete", id=job)
         elif status.concluded:
-            session.cmd("job-dismiss", id=job)
+            daemon.cmd("job-dismiss", id=job)
             if status.error is not None:
                 raise QemuError(f"block job {job} failed: {status.error}")
             return
-        if not session.alive:
-            raise QemuError(f"qemu-storage-daemon died during block job {job}: {session.log_tail()}")
-        session.next_event(POLL)
+        if not daemon.alive:
+            raise QemuError(f"qemu-storage-daemon died during block job {job}: {daemon.log_tail()}")
+        daemon.next_event(POLL)
