@@ -5,7 +5,7 @@ an incremental ``run`` with ``jobs = 4`` takes at most 1.0x (aim: 0.5x) the
 time of ``rbd export-diff`` run for each image one after another.  It also
 measures the per-image fixed costs (connect, snapshot, qemu, checks) that
 dominate small images, and attributes them with an instrumented run.  See
-``bench/README.md`` for the design and the last measured numbers.
+``bench/README.md`` for what it measures and ``docs/benchmarks.md`` for the latest figures.
 
     flock /tmp/r2q-bench.lock .venv/bin/python bench/bench_pool.py
         [--images 40] [--size-mib 256] [--jobs 4] [--rounds 3] [--job-variants 1,2,8] [--no-profile] [--keep]

@@ -10,7 +10,7 @@ at most ``workers + 2 + writers`` batches are in memory, whatever the image
 size.  A writer sends data runs as NBD WRITE and zero runs as WRITE_ZEROES
 (or, in a layer without backing file, not at all: it reads as zeros
 already).  Results come back to the main thread in a third queue, a batch
-per item (queue operations per 64 KiB chunk cost more than the chunk); the
+per item (a queue operation per 64 KiB chunk would cost more than the chunk); the
 first exception in any thread stops the feed and is re-raised in the main
 thread.  Threads start as work arrives: the first puller and writer with the
 first chunk, another puller only while much waits to be read (``READER_WORTH``
@@ -18,9 +18,9 @@ or a full queue), since each opens an image.
 
 A small diff (no more than ``READER_WORTH`` of data to read) would get one
 puller and one writer anyway: it is read and written in the calling thread
-instead, batch by batch, with no thread started and no hand-off.  In a pool
-run the jobs overlap each other's reads and writes; the threads' start-up and
-hand-offs cost about a tenth of such a run's CPU.
+instead, batch by batch, with no thread started and no hand-off: in a pool
+run the jobs already overlap each other's reads and writes, and threads would
+only add their start-up and hand-offs to the run's CPU time.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ JOIN_TIMEOUT = 120.0
 BATCH_BYTES = 4 << 20  # a puller reads small chunks in batches of up to this many bytes ...
 BATCH_COUNT = 32  # ... and requests, all in flight at once
 TODO_DEPTH = 256  # planned chunks waiting for a puller: descriptors only, no data
-# Another reader opens its own image (10-50 ms, about as long as one reader takes for 16 MiB):
+# Another reader opens its own image, which costs about as long as reading tens of MiB:
 # it starts only while more than this waits to be read, or while the queue is full.
 READER_WORTH = 32 << 20
 INLINE_CHUNKS = 1024  # a diff of more chunks than this goes to the threads, whatever their size
