@@ -4,7 +4,7 @@ Full backup: ``rbd2qcow2 backup --full`` against ``qemu-img convert`` of the
 same content.  Incremental backup: ``rbd2qcow2 backup`` against
 ``rbd export-diff`` of the same change set.  Every command is measured as a
 whole process (wall time, CPU time and peak RSS of the child); see
-``bench/README.md`` for the design and the last measured numbers.
+``bench/README.md`` for what it measures and ``docs/benchmarks.md`` for the latest figures.
 
     flock /tmp/r2q-bench.lock .venv/bin/python bench/bench_backup.py [--size-gib 2] [--runs 3] [--memory-8g] [--keep]
 

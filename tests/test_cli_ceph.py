@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import stall_env, wait_stalled
 from helpers import REPO, Ceph, MiB, Workload, assert_same_content, qcow2_to_raw, run_cli
 
-from rbd2qcow2.core.faults import CRASH_ENV, POINTS, STALL_ENV, STALL_FILE_ENV
+from rbd2qcow2.core.faults import CRASH_ENV, POINTS
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.target import chain_dir
@@ -178,7 +179,7 @@ def test_signal_mid_transfer_cleans_up(
     change(ceph, image_name, work)
     directory = chain_dir(target, ImageSpec(ceph.pool, "", image_name))
     stall = tmp_path / "stalled"
-    env = dict(os.environ, **{STALL_ENV: "before-rename", STALL_FILE_ENV: str(stall)})
+    env = dict(os.environ, **stall_env("before-rename", stall))
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbd2qcow2", "backup", "--target", str(target), f"{ceph.pool}/{image_name}"],
         cwd=REPO,
@@ -188,10 +189,7 @@ def test_signal_mid_transfer_cleans_up(
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-    while not stall.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.05)
+    assert wait_stalled(proc, stall), proc.stderr.read() if proc.stderr else ""
     assert any(n.endswith(".partial") for n in os.listdir(directory))
     if signum == signal.SIGHUP:
         os.killpg(proc.pid, signum)

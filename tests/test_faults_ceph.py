@@ -20,9 +20,8 @@ import faultlib as fl
 import pytest
 import rbd
 from cephcluster import CephCluster
+from factories import stall_env, wait_stalled
 from helpers import Ceph, MiB
-
-from rbd2qcow2.core.faults import STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.ceph]
 
@@ -73,12 +72,8 @@ def scattered_image(ceph: Ceph, name: str) -> None:
 
 def stalled(args: list[str], point: str, stall: Path, seconds: float = 1.0) -> subprocess.Popen[bytes]:
     stall.unlink(missing_ok=True)
-    env = {STALL_ENV: point, STALL_FILE_ENV: str(stall), STALL_SECONDS_ENV: str(seconds)}
-    proc = fl.start_cli(args, env)
-    deadline = time.monotonic() + 60
-    while not stall.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, f"{point} not reached"
-        time.sleep(0.01)
+    proc = fl.start_cli(args, stall_env(point, stall, seconds))
+    assert wait_stalled(proc, stall), f"{point} not reached"
     return proc
 
 

@@ -12,14 +12,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import faultlib as fl
 import pytest
+from factories import stall_env, wait_stalled
 from helpers import Ceph, MiB
 
-from rbd2qcow2.core.faults import CRASH_ENV, STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
+from rbd2qcow2.core.faults import CRASH_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.ceph]
 
@@ -29,13 +29,10 @@ SIZE = 8 * MiB
 def stalled(args: list[str], env: dict[str, str], point: str, stall: Path) -> subprocess.Popen[bytes] | None:
     """The CLI stopped at ``point`` for a few seconds; None if it finished without reaching it."""
     stall.unlink(missing_ok=True)
-    proc = fl.start_cli(args, {**env, STALL_ENV: point, STALL_FILE_ENV: str(stall), STALL_SECONDS_ENV: "2"})
-    deadline = time.monotonic() + 60
-    while not stall.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.communicate()
-            return None
-        time.sleep(0.01)
+    proc = fl.start_cli(args, {**env, **stall_env(point, stall, 2)})
+    if not wait_stalled(proc, stall):
+        proc.communicate()
+        return None
     return proc
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from rbd2qcow2.core.extents import Chunk, Kind
 from rbd2qcow2.store.checksums import BLOCK_SIZE, block_records, unpack_records, zero_digest
-from rbd2qcow2.transfer.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer, peek_small
+from rbd2qcow2.transfer.pipeline import INLINE_CHUNKS, READER_WORTH, Transfer, TransferOptions, peek_small
 
 MiB = 1 << 20
 
@@ -122,9 +122,8 @@ def test_copies_content_and_records(hide_zeros: bool, inline_bytes: int, disk_ki
         sink=disk,
         sums=sums,
         size=size,
-        workers=3,
         hide_zeros=hide_zeros,
-        inline_bytes=inline_bytes,
+        options=TransferOptions(workers=3, inline_bytes=inline_bytes),
     ).run(plan)
     expected = bytearray(image.data)
     expected[20 * MiB : 24 * MiB] = bytes(4 * MiB)
@@ -156,9 +155,8 @@ def test_worker_error_reaches_the_caller_without_hanging(inline_bytes: int) -> N
             sink=disk,
             sums=Records(),
             size=size,
-            workers=4,
             hide_zeros=True,
-            inline_bytes=inline_bytes,
+            options=TransferOptions(workers=4, inline_bytes=inline_bytes),
         ).run(chunks(size))
     assert time.monotonic() - started < 30
     assert image.reads < len(chunks(size))  # the feed stopped
@@ -174,8 +172,8 @@ def test_memory_stays_bounded() -> None:
         sink=FakeDisk(size, image),
         sums=Records(),
         size=size,
-        workers=workers,
         hide_zeros=True,
+        options=TransferOptions(workers=workers),
     )
     transfer.run(chunks(size))
     assert image.peak <= workers + 2 + (workers + 1) // 2 + 1
@@ -212,9 +210,8 @@ def test_small_chunks_in_batches_with_a_full_queue(inline_bytes: int) -> None:
         sink=disk,
         sums=records,
         size=size,
-        workers=4,
         hide_zeros=True,
-        inline_bytes=inline_bytes,
+        options=TransferOptions(workers=4, inline_bytes=inline_bytes),
     ).run(small)
     assert stats.read_bytes == len(small) * BLOCK_SIZE
     assert max(image.batches) > 1 and sum(image.batches) <= len(small)
@@ -248,9 +245,9 @@ def test_readers_start_only_when_much_waits(size: int, step: int, readers: range
     image = FakeImage(source(size))
     opens = Opens(image)
     disk = FakeDisk(size, image)
-    stats = Transfer(open_reader=opens, sink=disk, sums=Records(), size=size, workers=4, hide_zeros=True).run(
-        chunks(size, step)
-    )
+    stats = Transfer(
+        open_reader=opens, sink=disk, sums=Records(), size=size, hide_zeros=True, options=TransferOptions(workers=4)
+    ).run(chunks(size, step))
     assert opens.count in readers
     assert stats.read_bytes == size
     assert bytes(disk.buf) == image.data
@@ -286,10 +283,8 @@ def test_a_small_diff_runs_in_the_calling_thread(size: int, step: int, limit: in
         sink=disk,
         sums=records,
         size=size,
-        workers=4,
         hide_zeros=True,
-        progress=progress.append,
-        inline_bytes=limit,
+        options=TransferOptions(workers=4, progress=progress.append, inline_bytes=limit),
     ).run(plan)
     assert (disk.threads == {threading.current_thread().name}) is inline
     assert bytes(disk.buf) == image.data

@@ -9,16 +9,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import nbd
 import pytest
 from cephcluster import CephCluster
+from factories import stall_env, wait_stalled
 from helpers import REPO, Ceph, MiB, Workload, assert_same_content, run_cli
 
-from rbd2qcow2.core.faults import STALL_ENV, STALL_FILE_ENV
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.target import chain_dir
@@ -168,14 +167,11 @@ def test_sigterm_mid_restore_removes_created_image(ceph: Ceph, target: Path, ima
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbd2qcow2", "restore", "-t", str(target), ref, "--to", f"rbd:{ceph.pool}/{new}"],
         cwd=REPO,
-        env=dict(os.environ, **{STALL_ENV: "mid-restore", STALL_FILE_ENV: str(stall)}),
+        env=dict(os.environ, **stall_env("mid-restore", stall)),
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while not stall.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_stalled(proc, stall)
     import rbd
 
     # the restore writes a temporary image; the name itself never holds a half-written one

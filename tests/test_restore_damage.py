@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 import rbd
+from factories import stall_env, wait_stalled
 from helpers import REPO, Ceph, MiB, assert_same_content, run_cli
 from test_restore_ceph import build_chain, rbd_export_head, restore
 
-from rbd2qcow2.core.faults import CRASH_ENV, STALL_ENV, STALL_FILE_ENV
+from rbd2qcow2.core.faults import CRASH_ENV
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.target import chain_dir
@@ -366,15 +367,12 @@ def test_sigint_with_a_stuck_daemon_ends_promptly(
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbd2qcow2", "restore", "-t", str(target), ref, "--no-progress", "--to", dest],
         cwd=REPO,
-        env=dict(os.environ, **{STALL_ENV: "mid-restore", STALL_FILE_ENV: str(stall)}),
+        env=dict(os.environ, **stall_env("mid-restore", stall)),
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not stall.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        assert wait_stalled(proc, stall)
         qsd = _daemon_of(proc.pid)
         os.kill(qsd, signal.SIGSTOP)
         proc.send_signal(signal.SIGINT)
@@ -399,14 +397,11 @@ def test_killed_restore_takes_a_stuck_daemon_with_it(ceph: Ceph, target: Path, i
     proc = subprocess.Popen(
         [*RESTORE, "-t", str(target), ref, "--no-progress", "--to", f"rbd:{ceph.pool}/{image_name}-new"],
         cwd=REPO,
-        env=dict(os.environ, **{STALL_ENV: "mid-restore", STALL_FILE_ENV: str(stall)}),
+        env=dict(os.environ, **stall_env("mid-restore", stall)),
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not stall.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        assert wait_stalled(proc, stall)
         qsd = _daemon_of(proc.pid)
         os.kill(qsd, signal.SIGSTOP)
         proc.kill()

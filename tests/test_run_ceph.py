@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from factories import stall_env, wait_stalled
 from helpers import REPO, Ceph, MiB, assert_same_content, qcow2_to_raw, run_cli
 
 from rbd2qcow2.core.names import ImageSpec
@@ -158,12 +159,7 @@ def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_pat
             img.write(os.urandom(24 * MiB), 0)
     cfg = config(tmp_path, pool, jobs=2)
     stall = tmp_path / "stalled"
-    env = dict(
-        os.environ,
-        RBD2QCOW2_STALL_AT="mid-transfer",
-        RBD2QCOW2_STALL_FILE=str(stall),
-        RBD2QCOW2_STALL_SECONDS="5",
-    )
+    env = dict(os.environ, **stall_env("mid-transfer", stall, 5))
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbd2qcow2", "run", "--config", str(cfg)],
         cwd=REPO,
@@ -173,9 +169,7 @@ def test_sigterm_during_run_cleans_up_the_images_in_progress(pool: Ceph, tmp_pat
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not stall.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_stalled(proc, stall)
     # The jobs took the first two; the other two get their snapshots while they wait for a job.
     while not all(any(s.startswith("rbd2qcow2.") for s in pool.snapshots(n)) for n in names):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -222,14 +216,7 @@ def test_a_daemon_that_cannot_start_fails_every_image_and_leaves_nothing(pool: C
 
 def stalled_run(cfg: Path, stall: Path, seconds: int) -> subprocess.Popen[str]:
     """A ``run --json`` whose images stall mid-transfer; returns once the first one stalls."""
-    import time
-
-    env = dict(
-        os.environ,
-        RBD2QCOW2_STALL_AT="mid-transfer",
-        RBD2QCOW2_STALL_FILE=str(stall),
-        RBD2QCOW2_STALL_SECONDS=str(seconds),
-    )
+    env = dict(os.environ, **stall_env("mid-transfer", stall, seconds))
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbd2qcow2", "run", "--config", str(cfg), "--json"],
         cwd=REPO,
@@ -238,10 +225,7 @@ def stalled_run(cfg: Path, stall: Path, seconds: int) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while not stall.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    assert wait_stalled(proc, stall), proc.communicate()
     return proc
 
 

@@ -65,7 +65,7 @@ from ..store.chain import checked_chain, remove_orphan_files
 from ..store.checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from ..store.fsutil import chain_lock, commit_file, make_dirs
 from ..store.target import open_target
-from ..transfer.pipeline import Stats, Transfer, peek_small
+from ..transfer.pipeline import Stats, Transfer, TransferOptions, peek_small
 from ..transfer.progress import Progress
 from .prune import recover
 
@@ -600,11 +600,13 @@ class ImageBackup:
             sink=pool,
             sums=sums,
             size=snap.size,
-            workers=self.opts.parallel,
             hide_zeros=base.point is not None,
-            progress=bar.update,
-            fault=_mid_transfer_fault,
-            interrupt=self.opts.interrupt,
+            options=TransferOptions(
+                workers=self.opts.parallel,
+                progress=bar.update,
+                fault=_mid_transfer_fault,
+                interrupt=self.opts.interrupt,
+            ),
         ).run(chunks)
 
     def _readers(self, src: RbdImage, snap: SnapInfo) -> Callable[[], AbstractContextManager[RbdImage]]:

@@ -172,7 +172,7 @@ def _copy(
     parent: mf.Point | None,
 ) -> Stats:
     from ..adapters.nbdio import Connection, ConnectionPool
-    from ..transfer.pipeline import Transfer
+    from ..transfer.pipeline import Transfer, TransferOptions
 
     view = daemon.export_chain(view_files, writable=False)
     try:
@@ -186,9 +186,8 @@ def _copy(
                         sink=pool,
                         sums=sums,
                         size=child.size,
-                        workers=parallel,
                         hide_zeros=parent is not None,
-                        progress=bar.update,
+                        options=TransferOptions(workers=parallel, progress=bar.update),
                     ).run(chunks)
                 pool.flush()
             finally:

@@ -512,7 +512,8 @@ class ChainVerifier:
         digests: dict[int, bytes],
         what: str,
     ) -> list[Problem]:
-        from ..transfer.pipeline import Transfer  # here: a deep check rarely needs it, and it costs start-up time
+        # here: a deep check rarely needs it, and it costs start-up time
+        from ..transfer.pipeline import Transfer, TransferOptions
 
         checker = Checker(digests, point.size)
         with Progress(
@@ -523,9 +524,8 @@ class ChainVerifier:
                 sink=NullSink(),
                 sums=checker,
                 size=point.size,
-                workers=self.opts.parallel,
                 hide_zeros=False,
-                progress=bar.update,
+                options=TransferOptions(workers=self.opts.parallel, progress=bar.update),
             ).run(chunks)
         self.report.bytes_read += stats.read_bytes
         return self._differ(point, checker.bad, what)

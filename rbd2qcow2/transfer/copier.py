@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
@@ -22,6 +21,7 @@ from ..core.extents import Chunk, Extent, Kind, align_down, plan, windows
 from ..core.faults import crashpoint
 from ..store.checksums import BLOCK_SIZE
 from .deepcheck import Checker
+from .threads import Crew, every
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,11 @@ class Copier:
         self._stall_timeout = stall_timeout
         self._todo: queue.Queue[Chunk | None] = queue.Queue(maxsize=2 * self._readers)
         self._done: queue.Queue[int] = queue.Queue()
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
+        self._crew = Crew()  # the readers
         self._moved = time.monotonic()
 
     def run(self, chunks: Iterable[Chunk]) -> None:
-        threads: list[threading.Thread] = []
-        watchdog = _start(self._watch, "watchdog")
+        watchdog = every(POLL, self._watch, "watchdog")
         try:
             for seq, chunk in enumerate(chunks):
                 _mid_restore_fault(seq)
@@ -134,30 +132,27 @@ class Copier:
                         self._writes.zero(chunk.length, chunk.offset)
                     self._progress(chunk.length)
                     continue
-                if len(threads) < self._readers and (not threads or self._todo.qsize() > 0):
-                    threads.append(_start(self._reader, f"read-{len(threads)}"))
+                if len(self._crew) < self._readers and (len(self._crew) == 0 or self._todo.qsize() > 0):
+                    self._crew.start(self._reader, f"read-{len(self._crew)}")
                 self._put(chunk)
-            for _ in threads:
+            for _ in range(len(self._crew)):
                 self._put(None)
-            while any(t.is_alive() for t in threads):
-                self._check_readers()
-                time.sleep(POLL)
+            self._crew.wait(each=self._check_readers)
             self._check_readers()
         except BaseException:
-            self._stop.set()  # a reader failed, or a signal: queued work is dropped
+            self._crew.stopping.set()  # a reader failed, or a signal: queued work is dropped
             self._abort()
             raise
         finally:
-            self._stop.set()
-            self._stop_readers([*threads, watchdog])
+            # Readers drop queued chunks once stopped; a None ends each.
+            self._crew.stop(nudge=self._end_readers, timeout=JOIN_TIMEOUT)
+            watchdog.stop(timeout=JOIN_TIMEOUT)
 
     def _watch(self) -> None:
-        while not self._stop.wait(POLL):
-            if time.monotonic() - self._moved > self._stall_timeout:
-                self._errors.append(QemuError(f"no data copied in {self._stall_timeout:.0f} s; restore stopped"))
-                self._stop.set()
-                self._abort()
-                return
+        """A stall (no chunk done for ``stall_timeout``) fails the copy and aborts, once."""
+        if not self._crew.stopping.is_set() and time.monotonic() - self._moved > self._stall_timeout:
+            self._crew.fail(QemuError(f"no data copied in {self._stall_timeout:.0f} s; restore stopped"))
+            self._abort()
 
     def _put(self, item: Chunk | None) -> None:
         while True:
@@ -173,28 +168,17 @@ class Copier:
         with contextlib.suppress(queue.Empty):
             while True:
                 self._progress(self._done.get_nowait())
-        if self._errors:
-            raise self._errors[0]
+        self._crew.check()
 
-    def _stop_readers(self, threads: list[threading.Thread]) -> None:
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Full):
-                self._todo.put_nowait(None)  # readers drop queued chunks once stopped
-            time.sleep(0.01)  # polled, not joined (CPython gh-90882, see pipeline)
-        for t in threads:
-            if t.is_alive():
-                logger.error("thread %s did not stop", t.name)
+    def _end_readers(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._todo.put_nowait(None)
 
     def _reader(self) -> None:
-        try:
-            with self._open_reader() as conn:
-                while (chunk := self._todo.get()) is not None:
-                    if not self._stop.is_set():
-                        self._copy(conn, chunk)
-        except BaseException as exc:  # carried to the main thread
-            self._errors.append(exc)
-            self._stop.set()
+        with self._open_reader() as conn:
+            while (chunk := self._todo.get()) is not None:
+                if not self._crew.stopping.is_set():
+                    self._copy(conn, chunk)
 
     def _copy(self, conn: Source, chunk: Chunk) -> None:
         data = conn.read_buffer(chunk.offset, chunk.length)
@@ -223,12 +207,6 @@ def block_runs(data: bytes | bytearray, block: int) -> list[tuple[int, int, bool
         else:
             runs.append((pos, end, is_zero))
     return runs
-
-
-def _start(target: Callable[[], None], name: str) -> threading.Thread:
-    t = threading.Thread(target=target, name=name, daemon=True)
-    t.start()
-    return t
 
 
 def allocated_chunks(conn: Connection, size: int, align: int = 4 << 20) -> Iterator[Chunk]:

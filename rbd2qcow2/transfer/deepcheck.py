@@ -373,7 +373,7 @@ def _through_qemu(
 ) -> int:
     """Hash ``chunks`` of the chain's top read through an NBD export of it."""
     from ..adapters.nbdio import Connection  # only here: most chains never need it, and it costs start-up time
-    from .pipeline import Transfer
+    from .pipeline import Transfer, TransferOptions
 
     export = daemon.export_chain(files, writable=False)
     try:
@@ -382,9 +382,8 @@ def _through_qemu(
             sink=NullSink(),
             sums=checker,
             size=size,
-            workers=workers,
             hide_zeros=False,
-            progress=progress,
+            options=TransferOptions(workers=workers, progress=progress),
         ).run(chunks)
     finally:
         daemon.remove_export(export)

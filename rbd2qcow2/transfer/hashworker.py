@@ -3,8 +3,9 @@
 Run as a script, ``python -I -S transfer/hashworker.py DIR FD...`` where ``DIR``
 holds the xxhash package and the ``FD`` are inherited descriptors of the
 layer files, base first (the package imports this module only for
-:data:`RUN` and its path).  It starts in about 10 ms because it skips
-``site`` and imports only the standard library and xxhash.  The deep check
+:data:`RUN` and its path).  It skips ``site`` and imports only the
+standard library and xxhash, so that starting it costs less than the
+hashing it takes over.  The deep check
 hands it part of a point, to hash on another core while it hashes the rest
 itself: xxhash holds the GIL for blocks of 64 KiB, so threads would not help.
 

@@ -10,7 +10,7 @@ at most ``workers + 2 + writers`` batches are in memory, whatever the image
 size.  A writer sends data runs as NBD WRITE and zero runs as WRITE_ZEROES
 (or, in a layer without backing file, not at all: it reads as zeros
 already).  Results come back to the main thread in a third queue, a batch
-per item (queue operations per 64 KiB chunk cost more than the chunk); the
+per item (a queue operation per 64 KiB chunk would cost more than the chunk); the
 first exception in any thread stops the feed and is re-raised in the main
 thread.  Threads start as work arrives: the first puller and writer with the
 first chunk, another puller only while much waits to be read (``READER_WORTH``
@@ -18,9 +18,9 @@ or a full queue), since each opens an image.
 
 A small diff (no more than ``READER_WORTH`` of data to read) would get one
 puller and one writer anyway: it is read and written in the calling thread
-instead, batch by batch, with no thread started and no hand-off.  In a pool
-run the jobs overlap each other's reads and writes; the threads' start-up and
-hand-offs cost about a tenth of such a run's CPU.
+instead, batch by batch, with no thread started and no hand-off: in a pool
+run the jobs already overlap each other's reads and writes, and threads would
+only add their start-up and hand-offs to the run's CPU time.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from ..core.extents import Chunk, Kind
 from ..store.checksums import BLOCK_SIZE, block_records, zero_records
+from .threads import Crew
 
 logger = logging.getLogger(__name__)
 POLL = 0.1
@@ -46,7 +46,7 @@ JOIN_TIMEOUT = 120.0
 BATCH_BYTES = 4 << 20  # a puller reads small chunks in batches of up to this many bytes ...
 BATCH_COUNT = 32  # ... and requests, all in flight at once
 TODO_DEPTH = 256  # planned chunks waiting for a puller: descriptors only, no data
-# Another reader opens its own image (10-50 ms, about as long as one reader takes for 16 MiB):
+# Another reader opens its own image, which costs about as long as reading tens of MiB:
 # it starts only while more than this waits to be read, or while the queue is full.
 READER_WORTH = 32 << 20
 INLINE_CHUNKS = 1024  # a diff of more chunks than this goes to the threads, whatever their size
@@ -145,8 +145,32 @@ def _runs(flags: list[bool]) -> Iterable[tuple[bool, int, int]]:
             start = i
 
 
+def _ignore(_: int) -> None:
+    pass
+
+
+def _go_on() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How a :class:`Transfer` runs: its threads, and the caller's hooks."""
+
+    workers: int  # puller threads, each with its own reader
+    writers: int | None = None  # writer threads; by default half as many as pullers, rounded up
+    progress: Callable[[int], None] = _ignore  # bytes done
+    fault: Callable[[int], None] = _ignore  # called with each chunk's sequence number (fault points)
+    interrupt: Callable[[], None] = _go_on  # raises (Cancelled) when the caller wants the transfer stopped
+    inline_bytes: int = READER_WORTH  # a diff with no more data to read is done in the calling thread
+
+
 class Transfer:
-    """One layer's transfer; :meth:`run` returns the totals."""
+    """One layer's transfer; :meth:`run` returns the totals.
+
+    ``hide_zeros``: zero runs are written (the layer has a backing file whose
+    data they must hide), else skipped.
+    """
 
     def __init__(
         self,
@@ -155,31 +179,22 @@ class Transfer:
         sink: Sink,
         sums: RecordSink,
         size: int,
-        workers: int,
         hide_zeros: bool,
-        writers: int | None = None,
-        progress: Callable[[int], None] = lambda n: None,
-        fault: Callable[[int], None] = lambda seq: None,
-        interrupt: Callable[[], None] = lambda: None,
-        inline_bytes: int = READER_WORTH,
+        options: TransferOptions,
     ) -> None:
         self._open_reader = open_reader
-        self._inline_bytes = inline_bytes  # a diff with no more data to read is done in the calling thread
         self._sink = sink
         self._sums = sums
         self._size = size
-        self._workers = max(1, workers)
-        self._writers = max(1, writers or (workers + 1) // 2)
         self._hide_zeros = hide_zeros
-        self._progress = progress
-        self._fault = fault
-        self._interrupt = interrupt  # raises (Cancelled) when the caller wants the transfer stopped
+        self._opts = options
+        self._workers = max(1, options.workers)
+        self._writers = max(1, options.writers or (options.workers + 1) // 2)
         self._todo: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(maxsize=TODO_DEPTH)
         # A puller's batch of jobs goes to a writer, and their results come back, in one queue item each.
         self._writes: queue.Queue[list[_Job] | None] = queue.Queue(maxsize=2)
         self._done: queue.Queue[list[_Done]] = queue.Queue()
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
+        self._crew = Crew()  # pullers and writers
         self._queued = 0  # bytes to read put into the planned-chunk queue (by the feeding thread only)
         self._taken = 0  # ... and taken out of it by the pullers
         self._taken_lock = threading.Lock()
@@ -187,7 +202,7 @@ class Transfer:
 
     def run(self, chunks: Iterable[Chunk]) -> Stats:
         """Transfer ``chunks``: in this thread if the diff is small, else in puller and writer threads."""
-        head, rest = peek_small(chunks, self._inline_bytes)
+        head, rest = peek_small(chunks, self._opts.inline_bytes)
         if rest is not None:
             return self._run_threads(itertools.chain(head, rest))
         return self._run_inline(head) if head else self.stats
@@ -200,7 +215,7 @@ class Transfer:
             batch: list[tuple[int, Chunk]] = []
             size = 0
             for seq, chunk in enumerate(chunks):
-                self._fault(seq)
+                self._opts.fault(seq)
                 self._raise_if_failed()
                 batch.append((seq, chunk))
                 size += chunk.length if chunk.kind is not Kind.ZERO else 0
@@ -214,28 +229,25 @@ class Transfer:
 
     def _run_threads(self, chunks: Iterable[Chunk]) -> Stats:
         # Threads start as chunks arrive: a small diff opens few readers and connections.
-        pullers: list[threading.Thread] = []
-        writers: list[threading.Thread] = []
-        sent = received = 0
+        pullers = writers = sent = received = 0
         try:
             for seq, chunk in enumerate(chunks):
-                self._fault(seq)
-                if len(pullers) < self._workers and (not pullers or self._reader_pays()):
-                    pullers.append(_thread(self._puller, f"pull-{len(pullers)}"))
-                if len(writers) < self._writers and (not writers or self._writes.qsize() > 0):
-                    writers.append(_thread(self._writer, f"write-{len(writers)}"))
+                self._opts.fault(seq)
+                if pullers < self._workers and (not pullers or self._reader_pays()):
+                    self._crew.start(self._puller, f"pull-{pullers}")
+                    pullers += 1
+                if writers < self._writers and (not writers or self._writes.qsize() > 0):
+                    self._crew.start(self._writer, f"write-{writers}")
+                    writers += 1
                 received += self._put((seq, chunk))
                 sent += 1
                 received += self._drain(block=False)
             while received < sent:
                 self._raise_if_failed()
                 received += self._drain(block=True)
-        except BaseException:
-            self._stop.set()  # a worker failed, or a signal: queued work is dropped
-            raise
         finally:
-            self._shutdown(self._todo, pullers)
-            self._shutdown(self._writes, writers)
+            # Every result is in (the threads idle) or a worker failed or a signal came: queued work is dropped.
+            self._crew.stop(nudge=self._end_queues, timeout=JOIN_TIMEOUT)
         self._raise_if_failed()
         return self.stats
 
@@ -269,49 +281,26 @@ class Transfer:
                 self.stats.zero_bytes += done.stats.zero_bytes
                 self.stats.skipped_bytes += done.stats.skipped_bytes
                 self.stats.read_bytes += done.stats.read_bytes
-            self._progress(sum(done.length for done in batch))
+            self._opts.progress(sum(done.length for done in batch))
             n += len(batch)
 
     def _raise_if_failed(self) -> None:
-        if self._errors:
-            raise self._errors[0]
-        self._interrupt()
+        self._crew.check()
+        self._opts.interrupt()
 
-    def _fail(self, exc: BaseException) -> None:
-        self._errors.append(exc)
-        self._stop.set()
-
-    def _shutdown(self, q: queue.Queue[_T | None], threads: list[threading.Thread]) -> None:
-        """Stop the threads that read ``q``: a ``None`` for each, dropping queued work if stopped."""
-        for _ in threads:
-            while any(t.is_alive() for t in threads):
-                try:
-                    q.put(None, timeout=POLL)
-                    break
-                except queue.Full:
-                    if self._stop.is_set():
-                        with contextlib.suppress(queue.Empty):
-                            q.get_nowait()
-        # Polled, not joined: a signal that interrupts Thread.join can mark a running
-        # thread as stopped (CPython gh-90882).
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for t in threads:
-            if t.is_alive():
-                logger.error("thread %s did not stop", t.name)
+    def _end_queues(self) -> None:
+        """While stopping: a ``None`` into each thread's queue, dropping the oldest queued item if full."""
+        _end(self._todo)
+        _end(self._writes)
 
     def _puller(self) -> None:
-        try:
-            with self._open_reader() as reader:
-                batched = isinstance(reader, BatchReader)
-                last = False
-                while not last:
-                    batch, last = self._next_batch(batched)
-                    if batch and not self._stop.is_set():
-                        self._handoff(self._prepare_batch(reader, batch))
-        except BaseException as exc:  # carried to the main thread
-            self._fail(exc)
+        with self._open_reader() as reader:
+            batched = isinstance(reader, BatchReader)
+            last = False
+            while not last:
+                batch, last = self._next_batch(batched)
+                if batch and not self._crew.stopping.is_set():
+                    self._handoff(self._prepare_batch(reader, batch))
 
     def _next_batch(self, batched: bool) -> tuple[list[tuple[int, Chunk]], bool]:
         """The next chunk and, while they are small and waiting, more; and whether the end was seen.
@@ -348,7 +337,7 @@ class Transfer:
         return [self._prepare(reader, seq, chunk, data.get(seq)) for seq, chunk in batch]
 
     def _handoff(self, jobs: list[_Job]) -> None:
-        while not self._stop.is_set():
+        while not self._crew.stopping.is_set():
             try:
                 self._writes.put(jobs, timeout=POLL)
                 return
@@ -356,14 +345,11 @@ class Transfer:
                 continue
 
     def _writer(self) -> None:
-        try:
-            writer = self._sink.for_thread()
-            while (jobs := self._writes.get()) is not None:
-                if not self._stop.is_set():
-                    self._write(writer, jobs)
-                    self._done.put([job.done for job in jobs])
-        except BaseException as exc:  # carried to the main thread
-            self._fail(exc)
+        writer = self._sink.for_thread()
+        while (jobs := self._writes.get()) is not None:
+            if not self._crew.stopping.is_set():
+                self._write(writer, jobs)
+                self._done.put([job.done for job in jobs])
 
     def _prepare(self, reader: Reader, seq: int, chunk: Chunk, data: bytes | None = None) -> _Job:
         stats = Stats()
@@ -408,7 +394,12 @@ class Transfer:
                 writer.pwrite(payload, offset)
 
 
-def _thread(target: Callable[[], None], name: str) -> threading.Thread:
-    t = threading.Thread(target=target, name=name, daemon=True)
-    t.start()
-    return t
+def _end(q: queue.Queue[_T | None]) -> None:
+    """Put a ``None`` (a reader's end) into ``q``, making room by dropping its oldest item if it is full."""
+    try:
+        q.put_nowait(None)
+    except queue.Full:
+        with contextlib.suppress(queue.Empty):
+            q.get_nowait()
+        with contextlib.suppress(queue.Full):
+            q.put_nowait(None)

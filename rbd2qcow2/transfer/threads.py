@@ -34,6 +34,9 @@ class Crew:
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
+        # Notified as each thread ends, so that a bounded wait returns at once, not at its next look.
+        self._ended = threading.Condition()
+        self._running: set[threading.Thread] = set()  # those whose function has not returned yet
 
     def __len__(self) -> int:
         return len(self._threads)
@@ -44,9 +47,15 @@ class Crew:
                 fn()
             except BaseException as exc:  # carried to the owner by check()
                 self.fail(exc)
+            finally:
+                with self._ended:
+                    self._running.discard(threading.current_thread())
+                    self._ended.notify_all()
 
         thread = threading.Thread(target=run, name=name, daemon=True)
         self._threads.append(thread)
+        with self._ended:
+            self._running.add(thread)
         thread.start()
 
     def fail(self, exc: BaseException) -> None:
@@ -64,7 +73,14 @@ class Crew:
             raise self._errors[0]
 
     def alive(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        """Whether a thread's function is still running."""
+        return bool(self._running)
+
+    def _pause(self, seconds: float) -> None:
+        """Up to ``seconds``, less if a thread ends meanwhile (a bounded wait: signals get through)."""
+        with self._ended:
+            if self._running:
+                self._ended.wait(seconds)
 
     def wait(self, deadline: float | None = None, each: Callable[[], object] | None = None) -> bool:
         """Until every thread has finished (True) or ``deadline`` (monotonic) passed (False).
@@ -76,7 +92,7 @@ class Crew:
                 return False
             if each is not None:
                 each()
-            time.sleep(POLL)
+            self._pause(POLL)
         return True
 
     def stop(self, nudge: Callable[[], object] | None = None, timeout: float = STOP_TIMEOUT) -> None:
@@ -86,9 +102,9 @@ class Crew:
         while self.alive() and time.monotonic() < deadline:
             if nudge is not None:
                 nudge()
-            time.sleep(STOP_POLL)
-        for t in self._threads:
-            if t.is_alive():
+            self._pause(STOP_POLL)
+        with self._ended:
+            for t in self._running:
                 logger.error("thread %s did not stop", t.name)
 
 
