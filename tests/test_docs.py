@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2.cli.main import build_parser
+from rbd2qcow2.cli.parser import build_parser
 from rbd2qcow2.core import errors
 from rbd2qcow2.ops import config
 
