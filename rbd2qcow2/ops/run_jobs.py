@@ -132,6 +132,8 @@ class _Schedule(Generic[W, P, C, R]):
                         self.results.append(cast(R, r))
         except Cancelled:
             pass  # the main thread has the signal
+        except BaseException as exc:
+            self.crew.fail(exc)  # stops the other prep threads before the jobs hear that preparing is over
         finally:
             with self.lock:
                 self.preparing -= 1
