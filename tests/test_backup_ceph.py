@@ -48,7 +48,7 @@ def test_large_and_small_diffs_match_rbd_export(
     through the calling thread and Linux AIO: both write exactly the snapshot.  This image is
     "large" for the diff made ahead too: its diff is made in the job, as for images above 1 GiB."""
     from rbd2qcow2.adapters import qemu
-    from rbd2qcow2.ops import backup as engine
+    from rbd2qcow2.ops import backup_point as engine
     from rbd2qcow2.transfer.pipeline import READER_WORTH
 
     monkeypatch.setattr(engine, "AHEAD_DIFF_MAX", 64 * MiB)

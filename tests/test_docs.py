@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rbd2qcow2.cli.main import build_parser
+from rbd2qcow2.cli.parser import build_parser
 from rbd2qcow2.core import errors
 from rbd2qcow2.ops import config
 
@@ -151,15 +151,15 @@ def test_example_config_uses_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every key the parser asks for appears in the example (tables compared without their indexes)."""
     asked: dict[str, set[str]] = {}
     given: dict[str, set[str]] = {}
-    original = config._Table.done
+    original = config.Table.done
 
-    def done(table: config._Table) -> None:
+    def done(table: config.Table) -> None:
         where = re.sub(r"\[\d+\]", "", table.where) or "(top level)"
         asked.setdefault(where, set()).update(table.used)
         given.setdefault(where, set()).update(table.raw)
         original(table)
 
-    monkeypatch.setattr(config._Table, "done", done)
+    monkeypatch.setattr(config.Table, "done", done)
     config.load(EXAMPLE)
     missing = {where: sorted(asked[where] - given[where]) for where in asked if asked[where] - given[where]}
     assert not missing, f"keys the schema accepts but {EXAMPLE.name} does not show: {missing}"

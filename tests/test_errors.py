@@ -233,3 +233,29 @@ def test_a_qemu_error_of_a_full_disk_is_target_full() -> None:
     assert isinstance(_full(QemuError("commit: Disk quota exceeded")), errors.TargetFull)
     other = QemuError("Could not open 'x': Permission denied")
     assert _full(other) is other
+
+
+# -- one mapping from any exception to its error and exit code ---------------------------
+
+
+def test_as_error_keeps_a_project_error() -> None:
+    err = NotFound("pool/x")
+    assert errors.as_error(err) is err and errors.as_error(err, target_io=True) is err
+
+
+def test_as_error_of_an_os_error() -> None:
+    full = errors.as_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/t/x"))
+    assert isinstance(full, errors.TargetFull) and full.exit_code == 74
+    # An errno that is no file-system failure is a bug, unless the caller only touched the target.
+    denied = OSError(errno.EACCES, os.strerror(errno.EACCES), "/t/x")
+    assert isinstance(errors.as_error(denied), errors.InternalError)
+    on_target = errors.as_error(denied, target_io=True)
+    assert type(on_target) is errors.StorageError and on_target.exit_code == 74
+    assert str(on_target) == "target I/O error: /t/x: Permission denied"
+
+
+def test_as_error_of_anything_else_is_an_internal_error() -> None:
+    bug = errors.as_error(KeyError("k"))
+    assert isinstance(bug, errors.InternalError) and not isinstance(bug, Error)
+    assert bug.exit_code == os.EX_SOFTWARE == 70
+    assert str(bug) == "internal error: KeyError('k')"

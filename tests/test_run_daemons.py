@@ -18,15 +18,15 @@ def kill(daemon_pid: int | None) -> None:
     os.kill(daemon_pid, signal.SIGKILL)
 
 
-def wait_dead(daemons: nightly._Daemons) -> None:
+def wait_dead(daemons: nightly.Daemons) -> None:
     deadline = time.monotonic() + 10
-    while daemons._daemon is not None and daemons._daemon.alive:
+    while daemons.daemon is not None and daemons.daemon.alive:
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
 
 def test_a_dead_daemon_is_replaced_at_most_daemon_restarts_times(tmp_path: Path) -> None:
-    with nightly._Daemons(tmp_path) as daemons:
+    with nightly.Daemons(tmp_path) as daemons:
         first = daemons.current()
         assert daemons.current() is first  # alive: kept
         first.cmd("query-version")

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import CephUnavailable, combined_exit_code
 from ..core.units import human_size
 from ..ops.run import FAILED, RunReport
 from ..store.fsutil import atomic_write
@@ -95,9 +96,7 @@ def write_metrics(path: Path, report: RunReport) -> None:
 
 
 def exit_code(report: RunReport) -> int:
-    from ..core.errors import combined_exit_code
-
     codes = [i.exit_code for i in report.images if i.status == FAILED]
-    if report.errors:
-        codes.append(69)
+    if report.errors:  # a cluster or pool that could not be reached or listed
+        codes.append(CephUnavailable.exit_code)
     return combined_exit_code(codes)

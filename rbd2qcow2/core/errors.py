@@ -7,28 +7,30 @@ message template and its ``exit_code`` the process exit status (sysexits)::
      +-- Cancelled                 SIGINT/SIGTERM/SIGHUP (exit 130/143/129)
      +-- Exception
           +-- Error                generic failure (exit 1)
-               +-- UsageError      bad arguments or names (64)
-               +-- DataError       a chain, manifest or layer is damaged (65)
-               |    +-- ChainDamaged
-               |    +-- DiffMismatch  an "unchanged" region differs from the snapshot
-               +-- NotFound        image, point or snapshot not found (66)
-               +-- CephUnavailable cluster unreachable or refused us (69)
-               +-- CephError       a Ceph call failed (74)
-               +-- QemuError       qemu-img or qemu-storage-daemon failed (74)
-               |    +-- QemuUnavailable  qemu cannot run or start at all (69)
-               |    +-- LayerCorrupt     qemu-img check finds a layer corrupt (65)
-               +-- NbdError        an NBD request failed (74)
-               +-- StorageError    the target's file system failed (I/O error, read-only) (74)
-               |    +-- TargetFull  no space left, or the quota is used up
-               +-- TargetError     the target directory cannot be used (73)
-               +-- Locked          another run holds the chain lock (75)
-               |    +-- InUse       another process has a file of the chain open
-               +-- Claimed         another host holds the image's RADOS claim (75)
-               +-- ClaimLost       this run's claim lapsed or was taken while it worked (75)
-               +-- ConfigError     configuration is wrong (78)
+          |    +-- UsageError      bad arguments or names (64)
+          |    +-- DataError       a chain, manifest or layer is damaged (65)
+          |    |    +-- ChainDamaged
+          |    |    +-- DiffMismatch  an "unchanged" region differs from the snapshot
+          |    +-- NotFound        image, point or snapshot not found (66)
+          |    +-- CephUnavailable cluster unreachable or refused us (69)
+          |    +-- CephError       a Ceph call failed (74)
+          |    +-- QemuError       qemu-img or qemu-storage-daemon failed (74)
+          |    |    +-- QemuUnavailable  qemu cannot run or start at all (69)
+          |    |    +-- LayerCorrupt     qemu-img check finds a layer corrupt (65)
+          |    +-- NbdError        an NBD request failed (74)
+          |    +-- StorageError    the target's file system failed (I/O error, read-only) (74)
+          |    |    +-- TargetFull  no space left, or the quota is used up
+          |    +-- TargetError     the target directory cannot be used (73)
+          |    +-- Locked          another run holds the chain lock (75)
+          |    |    +-- InUse       another process has a file of the chain open
+          |    +-- Claimed         another host holds the image's RADOS claim (75)
+          |    +-- ClaimLost       this run's claim lapsed or was taken while it worked (75)
+          |    +-- ConfigError     configuration is wrong (78)
+          +-- InternalError        any other exception: a bug (70)
 
 ``Cancelled`` derives from ``BaseException`` so that no ``except Exception``
-can swallow a Ctrl-C, a SIGTERM or a SIGHUP.
+can swallow a Ctrl-C, a SIGTERM or a SIGHUP.  :func:`as_error` turns any
+exception into one of these, so an exit code comes only from a class.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from typing import Literal, overload
 
 
 class Error(Exception):
@@ -172,6 +175,38 @@ class ConfigError(Error):
     """configuration: {}"""
 
     exit_code = os.EX_CONFIG
+
+
+class InternalError(Exception):
+    """An exception that no :class:`Error` describes: a bug in rbd2qcow2, not something a user can fix."""
+
+    exit_code = os.EX_SOFTWARE
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"internal error: {self.cause!r}"
+
+
+@overload
+def as_error(exc: Error | OSError, *, target_io: Literal[True]) -> Error: ...
+@overload
+def as_error(exc: Exception, *, target_io: bool = False) -> Error | InternalError: ...
+def as_error(exc: Exception, *, target_io: bool = False) -> Error | InternalError:
+    """The project's error for ``exc``, which carries its exit code.
+
+    An :class:`Error` is itself; an OSError is the target's file system failing
+    (:func:`storage_error`) when its errno says so, or always with ``target_io``
+    (the caller only touches the target's files); anything else is a bug
+    (:class:`InternalError`).
+    """
+    if isinstance(exc, Error):
+        return exc
+    if isinstance(exc, OSError) and (target_io or exc.errno in STORAGE_ERRNOS):
+        return storage_error(exc)
+    return InternalError(exc)
 
 
 class Cancelled(BaseException):

@@ -83,7 +83,7 @@ class RunConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
-class _Table:
+class Table:
     """Typed access to one TOML table that reports unknown keys and wrong types."""
 
     def __init__(self, raw: Any, where: str, file: Path) -> None:
@@ -151,7 +151,7 @@ def load(path: Path) -> RunConfig:
 
 
 def parse(raw: dict[str, Any], path: Path) -> RunConfig:
-    top = _Table(raw, "", path)
+    top = Table(raw, "", path)
     target = Path(top.get("target", str, required=True))
     if not target.is_absolute():
         raise top.fail("target", "must be an absolute path")
@@ -179,7 +179,7 @@ def parse(raw: dict[str, Any], path: Path) -> RunConfig:
 
 
 def _cluster(raw: Any, index: int, path: Path) -> ClusterConfig:
-    t = _Table(raw, f"clusters[{index}]", path)
+    t = Table(raw, f"clusters[{index}]", path)
     pools_raw = t.get("pools", list, required=True)
     if not pools_raw:
         raise t.fail("pools", "at least one [[clusters.pools]] entry is needed")
@@ -210,7 +210,7 @@ def _one_cluster_per_pool(clusters: tuple[ClusterConfig, ...], path: Path) -> No
 
 
 def _pool(raw: Any, where: str, path: Path) -> PoolConfig:
-    t = _Table(raw, where, path)
+    t = Table(raw, where, path)
     pool = PoolConfig(
         name=t.get("name", str, required=True),
         namespaces=t.strings("namespaces", ("*",)),
@@ -226,7 +226,7 @@ def _pool(raw: Any, where: str, path: Path) -> PoolConfig:
 def _retention(raw: Any, path: Path) -> tuple[Policy | None, int | None]:
     if raw is None:
         return None, None
-    t = _Table(raw, "retention", path)
+    t = Table(raw, "retention", path)
     within = t.get("keep_within", str)
     try:
         keep_within = parse_duration(within) if within is not None else None
@@ -253,7 +253,7 @@ def _retention(raw: Any, path: Path) -> tuple[Policy | None, int | None]:
 def _verify(raw: Any, path: Path) -> VerifyConfig:
     if raw is None:
         return VerifyConfig()
-    t = _Table(raw, "verify", path)
+    t = Table(raw, "verify", path)
     cfg = VerifyConfig(
         structure=bool(t.get("structure", bool, True)),
         deep=bool(t.get("deep", bool, False)),

@@ -11,16 +11,13 @@ the other run.  A failure of one image is recorded and the others go on.
 
 ``prep-N`` threads do the first steps of each image (claim, open, chain lock,
 snapshot) at most ``PREP_AHEAD * jobs`` images ahead of the job threads; see
-:func:`_run_jobs`.
+:mod:`rbd2qcow2.ops.run_jobs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -30,24 +27,24 @@ from pathlib import Path
 
 from ..adapters import qemu
 from ..adapters.ceph import CephOptions, Claim, Cluster, RbdImage
-from ..core.errors import Cancelled, Claimed, DataError, Error, storage_error
+from ..core.errors import Cancelled, Claimed, DataError, Error, InternalError, as_error
 from ..core.names import ImageSpec
 from ..core.retention import Policy
 from ..store import manifest as mf
 from ..store.activity import record
 from ..store.target import chain_dir, iter_chains, open_target
-from .backup import BackupOptions, ImageBackup, SnapshotJanitor, Started
+from .backup import BackupOptions, Prepared, SnapshotJanitor, prepare
 from .config import SKIP_META, ClusterConfig, RunConfig
 from .prune import PruneOptions, prune_chain
+from .run_jobs import Jobs, Limits, Stop, run_jobs
 from .verify import ChainVerifier, Report, VerifyOptions
 
 logger = logging.getLogger(__name__)
 
 OK, FAILED, SKIPPED, DELETED = "ok", "failed", "skipped", "deleted"
 STOP_GRACE = 120.0  # seconds the images in progress get to clean up after SIGINT/SIGTERM/SIGHUP
-POLL = 0.1
-# Images prepared (claimed, snapshot taken) ahead of the job threads, per job: with one per job, the
-# jobs of a 40-image run waited 1.2-3.8 s in all for their next image; with two, 0.5-0.8 s.
+# Images prepared (claimed, snapshot taken) ahead of the job threads, per job: a job that finishes
+# small images quickly still finds its next one ready, while few snapshots wait uncommitted.
 PREP_AHEAD = 2
 DAEMON_RESTARTS = 3  # per job thread and run: a daemon that keeps dying is not started forever
 
@@ -173,17 +170,6 @@ def _deleted(cfg: RunConfig, cc: ClusterConfig, present: list[ImageSpec]) -> lis
     return reports
 
 
-class _Stop:
-    """A signal seen by the main thread, passed on to the job threads (which signals never reach)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise Cancelled(self.signum)
-
-
 @dataclass
 class _Ready:
     """An image prepared ahead of its job: claimed, open, its chain locked, its snapshot taken."""
@@ -195,104 +181,35 @@ class _Ready:
     held: Claim  # says whether the claim still holds
     head: ExitStack  # the image handle: handed to the janitor after the commit
     img: RbdImage
-    job: ImageBackup
-    started: Started
+    prepared: Prepared
 
     def close(self) -> None:
         """Give up the image: undo its snapshot, unlock the chain, close the handle, release the claim."""
-        with self.claim, self.head, self.started:
+        with self.claim, self.head, self.prepared:
             pass
 
 
 def _run_jobs(cfg: RunConfig, tag: str, work: list[_Work], started: datetime) -> list[ImageReport]:
-    """Prepare images ahead of the jobs, and back them up ``jobs`` at a time.
-
-    Creating a snapshot is a round trip to the monitors (~100 ms) that does
-    not use the CPU, and concurrent ones share it.  ``PREP_AHEAD * jobs``
-    ``prep-N`` threads claim each image, lock its chain and create its
-    snapshot, at most as many images ahead (``slots``), so a job thread
-    finds its next image ready when it finishes one.
-    """
-    todo: queue.Queue[_Work | None] = queue.Queue()
-    for w in work:
-        todo.put(w)
-    ready: queue.Queue[_Ready | None] = queue.Queue()
-    jobs = min(cfg.jobs, len(work))
-    ahead = min(PREP_AHEAD * cfg.jobs, len(work))
-    slots = threading.Semaphore(ahead)
-    results: list[ImageReport] = []
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    stop = _Stop()
-    abort = threading.Event()  # a job thread died, or a signal came: prepare nothing more
-    preparing = [ahead]
+    """Prepare images ahead of the jobs (see :mod:`rbd2qcow2.ops.run_jobs`), and back them up
+    ``jobs`` at a time."""
+    stop = Stop()
     # Old snapshots are removed while the jobs go on to their next image.
     janitor = SnapshotJanitor(workers=max(2, cfg.jobs))
-
-    def prep() -> None:
-        try:
-            while _take(slots, abort):
-                item = _next(todo)
-                if item is None:
-                    slots.release()
-                    break
-                r = _prepare(cfg, tag, item, started, stop)
-                if isinstance(r, ImageReport):
-                    slots.release()
-                    with lock:
-                        results.append(r)
-                else:
-                    ready.put(r)
-        except Cancelled:
-            pass
-        except BaseException as exc:  # carried to the main thread
-            abort.set()
-            errors.append(exc)
-        finally:
-            with lock:
-                preparing[0] -= 1
-                if preparing[0] == 0:
-                    for _ in range(jobs):
-                        ready.put(None)
-
-    def job() -> None:
-        try:
-            with _Daemons(cfg.target) as daemons:
-                while (r := ready.get()) is not None:
-                    slots.release()
-                    report = _finish(cfg, r, daemons.current(), stop, janitor)
-                    with lock:
-                        results.append(report)
-        except BaseException as exc:  # carried to the main thread
-            abort.set()
-            errors.append(exc)
-
-    threads = [threading.Thread(target=prep, name=f"prep-{i}", daemon=True) for i in range(ahead)]
-    threads += [threading.Thread(target=job, name=f"job-{i}", daemon=True) for i in range(jobs)]
-    for t in threads:
-        t.start()
+    jobs: Jobs[_Work, _Ready, Daemons, ImageReport] = Jobs(
+        prepare=functools.partial(_prepare, cfg, tag, started=started, stop=stop),
+        prepared=_Ready,
+        finish=lambda r, daemons: _finish(cfg, r, daemons.current(), stop, janitor),
+        give_up=_Ready.close,
+        job_context=lambda: Daemons(cfg.target),
+        on_cancel=lambda: janitor.close(skip_pending=True),
+    )
     try:
-        _join(threads)
-    except Cancelled as exc:
-        # The images in progress stop at their next chunk and clean up (partial
-        # files, new snapshots, claims) before the process exits.
-        stop.signum = exc.signum
-        abort.set()
-        logger.warning("%s: stopping the images in progress", exc)
-        _drain(todo)
-        _join(threads, deadline=time.monotonic() + STOP_GRACE)
-        janitor.close(skip_pending=True)
-        raise
+        return run_jobs(jobs, work, Limits(cfg.jobs, PREP_AHEAD * cfg.jobs, STOP_GRACE), stop)
     finally:
-        # Images prepared that no job took (a job thread failed, or a signal): undone.
-        _give_up(ready)
         janitor.close()
-    if errors:
-        raise errors[0]
-    return results
 
 
-class _Daemons:
+class Daemons:
     """A job thread's qemu-storage-daemon, started again (``DAEMON_RESTARTS`` times at most) when it died.
 
     A daemon killed under an image (the OOM killer, a qemu crash) fails that
@@ -302,10 +219,10 @@ class _Daemons:
     def __init__(self, root: Path) -> None:
         self._root = root
         self._stack = ExitStack()
-        self._daemon: qemu.StorageDaemon | None = None
+        self.daemon: qemu.StorageDaemon | None = None  # the latest one started, alive or not
         self.restarts = 0
 
-    def __enter__(self) -> _Daemons:
+    def __enter__(self) -> Daemons:
         self._start()
         return self
 
@@ -314,22 +231,22 @@ class _Daemons:
 
     def _start(self) -> None:
         # Named relative to the target (short names, see qemu.chain_options).
-        self._daemon = self._stack.enter_context(qemu.storage_daemon(root=self._root))
+        self.daemon = self._stack.enter_context(qemu.storage_daemon(root=self._root))
 
     def current(self) -> qemu.StorageDaemon:
         """The daemon for the next image: a new one if the last one died and restarts are left."""
-        assert self._daemon is not None
-        if self._daemon.alive:
-            return self._daemon
+        assert self.daemon is not None
+        if self.daemon.alive:
+            return self.daemon
         if self.restarts >= DAEMON_RESTARTS:
             if self.restarts == DAEMON_RESTARTS:
                 self.restarts += 1  # said once
                 logger.error("qemu-storage-daemon died %d times; not started again in this job", self.restarts)
-            return self._daemon  # the image fails with the dead daemon's error
+            return self.daemon  # the image fails with the dead daemon's error
         self.restarts += 1
         logger.warning(
             "qemu-storage-daemon (pid %s) died; starting a new one (%d of at most %d in this job)",
-            self._daemon.pid,
+            self.daemon.pid,
             self.restarts,
             DAEMON_RESTARTS,
         )
@@ -339,50 +256,10 @@ class _Daemons:
             self._start()
         except Error as exc:  # the image fails with the closed daemon's error, and is undone
             logger.error("could not start a new qemu-storage-daemon: %s", exc)
-        return self._daemon
+        return self.daemon
 
 
-def _take(slots: threading.Semaphore, abort: threading.Event) -> bool:
-    while not abort.is_set():
-        if slots.acquire(timeout=POLL):
-            return True
-    return False
-
-
-def _give_up(ready: queue.Queue[_Ready | None]) -> None:
-    while True:
-        try:
-            r = ready.get_nowait()
-        except queue.Empty:
-            return
-        if r is not None:
-            with contextlib.suppress(Exception):
-                r.close()
-
-
-def _join(threads: list[threading.Thread], deadline: float | None = None) -> None:
-    """Wait for the threads by polling: a signal that interrupts ``Thread.join`` can leave a
-    running thread marked as stopped (CPython gh-90882), and the run would exit under it."""
-    while any(t.is_alive() for t in threads):
-        if deadline is not None and time.monotonic() > deadline:
-            logger.error("jobs still running after %.0f s; exiting without their clean-up", STOP_GRACE)
-            return
-        time.sleep(POLL)
-
-
-def _next(todo: queue.Queue[_Work | None]) -> _Work | None:
-    try:
-        return todo.get_nowait()
-    except queue.Empty:
-        return None
-
-
-def _drain(todo: queue.Queue[_Work | None]) -> None:
-    while _next(todo) is not None:
-        pass
-
-
-def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop) -> _Ready | ImageReport:
+def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: Stop) -> _Ready | ImageReport:
     """Claim the image, and unless it is done elsewhere or skipped, lock its chain and snapshot it."""
     report = ImageReport(w.cluster.name, w.image)
     t0 = time.monotonic()
@@ -390,29 +267,19 @@ def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop)
         with ExitStack() as claim, ExitStack() as head:  # handed on in the _Ready, or closed here
             stop.check()
             held = claim.enter_context(w.handle.claim(w.image, cfg.claim_ttl))
-            done_elsewhere = _point_since(chain_dir(cfg.target, w.image), started)
-            if done_elsewhere is not None:
-                report.status, report.point = SKIPPED, done_elsewhere
-                report.reason = "backed up by another run since this one started"
-            else:
-                # One open of the image head: the skip flag is read through the handle the backup
-                # uses, which then goes to the janitor, to remove the snapshot the previous point needed.
-                img = head.enter_context(w.handle.image(w.image))
-                if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
-                    report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
-                else:
-                    opts = BackupOptions(
-                        target=cfg.target,
-                        parallel=cfg.parallel,
-                        whole_object=cfg.whole_object,
-                        check_unchanged=cfg.check_unchanged,
-                        wait=True,
-                        interrupt=functools.partial(_check, stop, held),
-                    )
-                    job = ImageBackup(w.handle, tag, w.image, opts)
-                    begun = job.start(img)
-                    prepared = time.monotonic() - t0
-                    return _Ready(w, report, prepared, claim.pop_all(), held, head.pop_all(), img, job, begun)
+            img = _to_back_up(cfg, w, started, report, head)
+            if img is not None:
+                opts = BackupOptions(
+                    target=cfg.target,
+                    parallel=cfg.parallel,
+                    whole_object=cfg.whole_object,
+                    check_unchanged=cfg.check_unchanged,
+                    wait=True,
+                    interrupt=functools.partial(_check, stop, held),
+                )
+                prepared = prepare(w.handle, tag, w.image, opts, img)
+                waited = time.monotonic() - t0
+                return _Ready(w, report, waited, claim.pop_all(), held, head.pop_all(), img, prepared)
     except Claimed as exc:
         report.status, report.reason = SKIPPED, str(exc)
     except Cancelled:
@@ -422,28 +289,42 @@ def _prepare(cfg: RunConfig, tag: str, w: _Work, started: datetime, stop: _Stop)
     return _done(cfg, w, report, t0)
 
 
-def _check(stop: _Stop, held: Claim) -> None:
+def _to_back_up(cfg: RunConfig, w: _Work, started: datetime, report: ImageReport, head: ExitStack) -> RbdImage | None:
+    """The image's head, opened into ``head``; None (and why in ``report``) for an image to skip."""
+    done_elsewhere = _point_since(chain_dir(cfg.target, w.image), started)
+    if done_elsewhere is not None:
+        report.status, report.point = SKIPPED, done_elsewhere
+        report.reason = "backed up by another run since this one started"
+        return None
+    # One open of the image head: the skip flag is read through the handle the backup
+    # uses, which then goes to the janitor, to remove the snapshot the previous point needed.
+    img = head.enter_context(w.handle.image(w.image))
+    if (img.metadata(SKIP_META) or "").strip().lower() in ("true", "yes", "1"):
+        report.status, report.reason = SKIPPED, f"image-meta {SKIP_META} is set"
+        return None
+    return img
+
+
+def _check(stop: Stop, held: Claim) -> None:
     """The backup's interrupt hook: a signal, or a claim that no longer holds, stops the image."""
     stop.check()
     held.check()
 
 
-def _finish(
-    cfg: RunConfig, r: _Ready, daemon: qemu.StorageDaemon, stop: _Stop, janitor: SnapshotJanitor
-) -> ImageReport:
+def _finish(cfg: RunConfig, r: _Ready, daemon: qemu.StorageDaemon, stop: Stop, janitor: SnapshotJanitor) -> ImageReport:
     """Back up, prune and verify an image that :func:`_prepare` made ready."""
     w, report = r.work, r.report
     t0 = time.monotonic() - r.prep_seconds  # the time it waited for a job does not count
     try:
         with r.claim:
             with r.head:
-                with r.started:
+                with r.prepared:
                     stop.check()
-                    point, reason = r.job.finish(r.started, daemon)
-                    old = r.job.old_snapshots(r.started)
-                janitor.submit(w.image, r.img, old, r.head.pop_all())
-            report.point, report.kind, report.reason = point.id, point.kind, reason
-            report.bytes_read, report.bytes_written = r.job.stats.read_bytes, point.data_bytes + point.zero_bytes
+                    done = r.prepared.finish(daemon)
+                janitor.submit(w.image, r.img, done.old_snapshots, r.head.pop_all())
+            point = done.point
+            report.point, report.kind, report.reason = point.id, point.kind, done.reason
+            report.bytes_read, report.bytes_written = done.read_bytes, point.data_bytes + point.zero_bytes
             report.last_success = point.created
             r.held.check()  # the chain is not pruned under a claim another host may hold by now
             _prune_verify(cfg, w, daemon, point.id)
@@ -456,18 +337,17 @@ def _finish(
 
 def _failed(cfg: RunConfig, w: _Work, report: ImageReport, exc: BaseException) -> None:
     """Record why an image failed; anything but an ordinary exception goes on up."""
-    if isinstance(exc, OSError):  # the target's file system: disk full, I/O error
-        report.status, report.error, report.exit_code = FAILED, str(storage_error(exc)), 74
-        logger.error("%s: %s", w.image, report.error)
-    elif isinstance(exc, Error):
-        report.status, report.error, report.exit_code = FAILED, str(exc), exc.exit_code
-        logger.error("%s: %s", w.image, exc)
-        record(chain_dir(cfg.target, w.image), f"run failed: {exc}")
-    elif isinstance(exc, Exception):  # a bug must not stop the other images
-        logger.error("%s: internal error", w.image, exc_info=exc)
-        report.status, report.error, report.exit_code = FAILED, f"internal error: {exc!r}", 70
-    else:
+    if not isinstance(exc, Exception):
         raise exc
+    # Any OSError here is the target's file system: disk full, I/O error.
+    err = as_error(exc, target_io=True)
+    report.status, report.error, report.exit_code = FAILED, str(err), err.exit_code
+    if isinstance(err, InternalError):  # a bug must not stop the other images
+        logger.error("%s: internal error", w.image, exc_info=exc)
+    else:
+        logger.error("%s: %s", w.image, err)
+    if isinstance(exc, Error):
+        record(chain_dir(cfg.target, w.image), f"run failed: {exc}")
 
 
 def _done(cfg: RunConfig, w: _Work, report: ImageReport, t0: float) -> ImageReport:
