@@ -3,7 +3,10 @@
 A domain's disks are read from its (inactive) XML: RBD network disks name
 their pool, namespace and image, the cephx user and the libvirt secret that
 holds its key; every other disk is kept with its type and source, so that a
-point can list it as not backed up. XML comes from libvirt or from a point on
+point can list it as not backed up. A source name ``POOL/NAMESPACE/IMAGE`` is
+read as rbd itself writes one; upstream libvirt (9.0 included) passes no
+namespace to qemu but ``NAMESPACE/IMAGE`` as the image name, which librbd
+does not open, so such a domain only runs on a libvirt patched for namespaces. XML comes from libvirt or from a point on
 the target, which an attacker may have written: a document type declaration
 (and with it every entity, which expat would expand) is refused.
 """
