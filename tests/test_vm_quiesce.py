@@ -151,3 +151,33 @@ def test_a_stopped_or_paused_domain_is_left_as_it_is(state: int, how: str) -> No
     with lv.quiesced(domain(fake)) as q:
         assert q.how == how and q.warning is None
     assert fake.calls == []
+
+
+class FreezeThenSignal(FakeDomain):
+    """A signal's exception raised just as the freeze returns (the guest is frozen by then)."""
+
+    def fsFreeze(self, mountpoints: list[str] | None = None, flags: int = 0) -> int:
+        super().fsFreeze()
+        raise Cancelled(signal.SIGTERM)
+
+
+def test_a_signal_as_the_freeze_returns_still_thaws() -> None:
+    fake = FreezeThenSignal()
+    with pytest.raises(Cancelled), lv.quiesced(domain(fake)):
+        pytest.fail("the block must not run")
+    assert not fake.is_frozen and fake.calls.count("thaw") == 1
+
+
+def test_a_failed_thaw_after_an_error_does_not_hide_the_error() -> None:
+    fake = FakeDomain()
+    fake.fail["thaw"] = [agent_error(), agent_error()]
+    with pytest.raises(RuntimeError, match="boom"), lv.quiesced(domain(fake)):
+        raise RuntimeError("boom")
+
+
+def test_a_failed_suspend_is_reported_and_nothing_is_resumed() -> None:
+    fake = FakeDomain(frozen=0)
+    fake.fail["suspend"] = [libvirt.libvirtError("cannot pause")]
+    with pytest.raises(lv.LibvirtError, match="cannot pause"), lv.quiesced(domain(fake)):
+        pytest.fail("the block must not run")
+    assert "resume" not in fake.calls

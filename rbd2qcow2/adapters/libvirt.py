@@ -268,23 +268,41 @@ def quiesced(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT, *, pause: 
     if current != "running":
         yield Quiesce("paused" if current == "paused" else "none")
         return
-    frozen, warning = _try_freeze(dom, timeout)
-    if warning is not None:
-        logger.warning("%s: %s", dom.name(), warning)
-    if frozen:
-        try:
-            yield Quiesce("frozen", frozen)
-        finally:
+    # Set before each call: a signal that lands just as a call returns still finds what to undo.
+    thaw_needed = resume_needed = False
+
+    def undo() -> None:
+        if thaw_needed:
             _always(lambda: _thaw(dom, timeout))
-        return
-    if not pause:
-        yield Quiesce("none", warning=warning)
-        return
-    suspend(dom)
+        if resume_needed:
+            _always(lambda: _resume_if_paused(dom))
+
     try:
-        yield Quiesce("paused", warning=warning)
-    finally:
-        _always(lambda: resume(dom))
+        thaw_needed = True
+        frozen, warning = _try_freeze(dom, timeout)  # thaws by itself when it reports no freeze
+        thaw_needed = frozen > 0
+        if warning is not None:
+            logger.warning("%s: %s", dom.name(), warning)
+        if frozen:
+            yield Quiesce("frozen", frozen)
+        elif pause:
+            resume_needed = True
+            suspend(dom)
+            yield Quiesce("paused", warning=warning)
+        else:
+            yield Quiesce("none", warning=warning)
+    except BaseException:
+        try:
+            undo()
+        except LibvirtError as exc:  # the first error is the one to report; this one is logged
+            logger.error("%s: %s", dom.name(), exc)
+        raise
+    undo()
+
+
+def _resume_if_paused(dom: libvirt.virDomain) -> None:
+    if state(dom) == "paused":
+        resume(dom)
 
 
 __all__ = [
