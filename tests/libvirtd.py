@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -229,7 +230,7 @@ def define_ceph_secret(conn: libvirt.virConnect, ceph_conf: Path, keyring: Path,
 @pytest.fixture(scope="session")
 def libvirt_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateLibvirtd]:
     """One private libvirtd per test session."""
-    missing = [b for b in BINARIES if subprocess.run(["which", b], capture_output=True).returncode != 0]
+    missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run scripts/bootstrap")
     daemon = PrivateLibvirtd(tmp_path_factory.mktemp("libvirtd"))

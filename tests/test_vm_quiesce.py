@@ -1,4 +1,4 @@
-"""adapters/libvirt.quiesced against a fake domain: what is frozen or paused is always undone.
+"""adapters/libvirt against fake domains: what quiesced froze or paused is always undone; NVRAM reads.
 
 The real guest, agent and libvirtd are in test_vm_libvirt.py; here every
 failure can be made to happen at the exact call.
@@ -7,6 +7,7 @@ failure can be made to happen at the exact call.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import cast
 
 import libvirt
@@ -181,3 +182,37 @@ def test_a_failed_suspend_is_reported_and_nothing_is_resumed() -> None:
     with pytest.raises(lv.LibvirtError, match="cannot pause"), lv.quiesced(domain(fake)):
         pytest.fail("the block must not run")
     assert "resume" not in fake.calls
+
+
+class FakeConnection:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def getURI(self) -> str:
+        return self.uri
+
+
+class DomainWithNvram(FakeDomain):
+    def __init__(self, uri: str, nvram: str) -> None:
+        super().__init__()
+        self._conn = FakeConnection(uri)
+        self._nvram = nvram
+
+    def connect(self) -> FakeConnection:
+        return self._conn
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return (
+            "<domain><name>fake</name><uuid>8f0c5c1e-3f6b-4a53-9d0e-5b0c6a1f2e34</uuid>"
+            f"<os><nvram>{self._nvram}</nvram></os></domain>"
+        )
+
+
+def test_nvram_is_read_from_the_libvirt_hosts_file_system(tmp_path: Path) -> None:
+    (tmp_path / "vars.fd").write_bytes(b"firmware variables")
+    local = DomainWithNvram("qemu:///system", "/vars.fd")
+    assert lv.nvram_bytes(domain(local), host_root=tmp_path) == b"firmware variables"
+    assert lv.nvram_bytes(domain(DomainWithNvram("qemu:///system", "/never-started.fd")), tmp_path) is None
+    remote = DomainWithNvram("qemu+ssh://root@kvm7/system", "/vars.fd")
+    with pytest.raises(lv.LibvirtError, match="kvm7"):
+        lv.nvram_bytes(domain(remote), host_root=tmp_path)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +115,15 @@ def nvram_bytes(dom: libvirt.virDomain, host_root: Path = Path("/")) -> bytes | 
     """The domain's NVRAM file (firmware variables), or None if it has none or it was never created.
 
     libvirt has no call that reads it: the file is read where the libvirt host's
-    file system is visible (``host_root``: "/" on the host itself).
+    file system is visible (``host_root``: "/" on the host itself), so a domain
+    of a remote libvirt is refused rather than read from the wrong machine.
     """
     path = domain_of(inactive_xml(dom)).nvram
     if path is None:
         return None
+    uri = _uri(dom.connect())
+    if urllib.parse.urlsplit(uri).hostname not in (None, "", "localhost"):
+        raise LibvirtError(f"NVRAM of {dom.name()}: {path} is on the host of {uri}, which is not this one")
     try:
         return (host_root / path.lstrip("/")).read_bytes()
     except FileNotFoundError:
