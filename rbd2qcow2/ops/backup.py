@@ -58,6 +58,7 @@ from ..core.errors import (
 )
 from ..core.extents import Chunk, Extent, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from ..core.faults import crashpoint, drop_extent
+from ..core.kinds import PointKind
 from ..store import manifest as mf
 from ..store import qcow2
 from ..store.activity import point_latest, record
@@ -501,7 +502,7 @@ class ImageBackup:
             size=snap.size,
             image_id=image_id,
             snapshot=mf.Snapshot(snap.name, snap.id),
-            kind="incremental" if base.point else "full",
+            kind=PointKind.INCREMENTAL if base.point else PointKind.FULL,
             stored_bytes=layer.stat().st_blocks * 512,
             data_bytes=stats.data_bytes,
             zero_bytes=stats.zero_bytes,
