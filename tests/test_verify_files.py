@@ -23,7 +23,7 @@ from rbd2qcow2.adapters import qemu
 from rbd2qcow2.core.errors import Error
 from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
-from rbd2qcow2.ops.verify import ChainVerifier, Report, VerifyOptions, DaemonOnDemand
+from rbd2qcow2.ops.verify import ChainVerifier, DaemonOnDemand, Report, VerifyOptions
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.checksums import BLOCK_SIZE, OrderedWriter, block_records, digest
 from rbd2qcow2.transfer import deepcheck, hashworker

@@ -5,10 +5,10 @@ cluster size, so every planned request covers whole blocks and no block needs
 a second read).  Each layer records the blocks it wrote, as
 ``(block index, XXH3-128 digest)`` sorted by index, in a small binary file
 beside the layer.  A block a layer does not record is inherited from its
-parent; a block no layer records is zeros.  XXH3-128 runs at ~15 GB/s here,
-two orders of magnitude faster than the rest of the data path, and 128 bits
-keeps accidental collisions out of reach; this is integrity against rot and
-bugs, not a defence against an adversary who can write the chain.
+parent; a block no layer records is zeros.  XXH3-128 is chosen because it is
+far faster than the rest of the data path, so hashing never limits a backup,
+and 128 bits keep accidental collisions out of reach; this is integrity
+against rot and bugs, not a defence against an adversary who can write the chain.
 
 File format: magic ``R2QSUMS1``, u32 block size, u32 zero, u64 count, then
 ``count`` records of u64 little-endian index and 16 digest bytes.
