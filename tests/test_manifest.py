@@ -70,7 +70,7 @@ def resign(body: dict[str, Any]) -> bytes:
     """Serialise a hand-edited body with a valid checksum (as dumps() would)."""
     body = dict(body)
     body.pop("sha256", None)
-    body["sha256"] = hashlib.sha256(mf._canonical(body)).hexdigest()
+    body["sha256"] = hashlib.sha256(mf.canonical(body)).hexdigest()
     return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 

@@ -34,10 +34,10 @@ fail, rather than run, while another process has a file of the chain open.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,7 +62,8 @@ from ..store.fsutil import fsync_file
 from ..store.layout import BLOCK_SIZE, merging, sums_file
 from ..store.qcow2 import create_layer, read_header
 from ..transfer.progress import Progress
-from .readback import read_back
+from ..transfer.threads import Background
+from .readback import read_back, settle
 
 if TYPE_CHECKING:
     from ..transfer.pipeline import Stats
@@ -341,9 +342,12 @@ def commit_in_place(
         daemon.commit(files, base, bar.update)
     fsync_file(merged)
     # qemu-img check of the merged layer runs while its blocks are read back; both must pass.
-    with ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(qemu.check_layer, merged)
+    checked = Background(functools.partial(qemu.check_layer, merged), "check")
+    try:
         read_back(daemon, files[: base + 1], stacked_records(_sums_paths(directory, upper)), child.size)
-        checked.result()
+    except BaseException:
+        settle([checked])  # the read-back's failure is the one reported, once the check is over
+        raise
+    checked.result()
     crashpoint("prune-after-build")
     os.replace(merged, child_path)

@@ -13,14 +13,14 @@ a qemu NBD export of the whole chain.  Any difference abandons the merge
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..adapters import qemu
 from ..core.errors import DataError
@@ -28,6 +28,7 @@ from ..store.checksums import block_records, digest, unpack_records, zero_digest
 from ..store.fsutil import open_regular
 from ..store.layout import BLOCK_SIZE
 from ..store.qcow2 import host_clusters
+from ..transfer.threads import Background
 
 if TYPE_CHECKING:
     from ..adapters.nbdio import Connection
@@ -107,18 +108,33 @@ def read_back(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[t
         for layer, _, _ in plan.host:
             if layer not in fds:
                 fds[layer] = open_for_read_back(files[layer], direct=direct)
-        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-            shares = [plan.host[k::VERIFY_THREADS] for k in range(VERIFY_THREADS)]
-            for done in [pool.submit(_read_runs, fds, share, size) for share in shares]:
-                done.result()
-    finally:
+        lanes = [
+            Background(functools.partial(_read_runs, fds, plan.host[k::VERIFY_THREADS], size), f"read-back-{k}")
+            for k in range(VERIFY_THREADS)
+        ]
+        if (error := settle(lanes)) is not None:
+            raise error
+    finally:  # after every lane has finished: none reads a descriptor closed here
         for fd in fds.values():
             os.close(fd)
     if plan.qemu:
         _verify_nbd(daemon, files, plan.qemu, size)
 
 
-VERIFY_THREADS = 2  # the reads and checks run on both CPUs
+VERIFY_THREADS = 2  # the reads and the hashing of one thread overlap the other's
+
+
+def settle(lanes: Sequence[Background[Any]]) -> BaseException | None:
+    """Wait for every lane; the first one's failure (in order), if any failed."""
+    first: BaseException | None = None
+    for lane in lanes:
+        try:
+            lane.result()
+        except BaseException as exc:  # every lane is waited for before any failure is raised
+            first = first or exc
+    return first
+
+
 DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT reads: a multiple of any disk's logical block
 
 

@@ -198,7 +198,8 @@ class Manifest:
         return dataclasses.replace(self, points=tuple(points), pending=None)
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def canonical(body: dict[str, Any]) -> bytes:
+    """The bytes the manifest's own SHA-256 is taken of: ``body`` as compact JSON with sorted keys."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -223,7 +224,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
 
 def dumps(m: Manifest) -> bytes:
     body = to_dict(m)
-    body["sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
+    body["sha256"] = hashlib.sha256(canonical(body)).hexdigest()
     return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
@@ -276,7 +277,7 @@ def loads(data: bytes, where: str) -> Manifest:
     try:
         body = json.loads(data)
         digest = body.pop("sha256")
-        if hashlib.sha256(_canonical(body)).hexdigest() != digest:
+        if hashlib.sha256(canonical(body)).hexdigest() != digest:
             raise ChainDamaged(where, "manifest checksum mismatch")
         if body["format"] != FORMAT or body["version"] != VERSION:
             raise ChainDamaged(where, f"unknown manifest format {body['format']!r} v{body['version']}")
