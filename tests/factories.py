@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbd2qcow2.core.faults import STALL_ENV, STALL_FILE_ENV, STALL_SECONDS_ENV
+from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec, chain_relpath, snapshot_name
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.fsutil import make_dirs
@@ -32,7 +33,7 @@ def point(point_id: str, parent: str | None = None, *, tag: str = TAG, snap_id: 
         size=1 << 20,
         image_id=IMAGE_ID,
         snapshot=mf.Snapshot(snapshot_name(tag, point_id), snap_id),
-        kind="full" if parent is None else "incremental",
+        kind=PointKind.of(parent),
         stored_bytes=1000,
         data_bytes=2000,
         zero_bytes=3000,

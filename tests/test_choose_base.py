@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rbd2qcow2.adapters.ceph import SnapInfo
+from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec, snapshot_name
 from rbd2qcow2.ops.backup import Base, choose_base
 from rbd2qcow2.store import manifest as mf
@@ -27,7 +28,7 @@ def point(pid: str, parent: str | None = None, *, snap_id: int = 10, **changes: 
         size=1 << 30,
         image_id=IMAGE_ID,
         snapshot=mf.Snapshot(snapshot_name(TAG, pid), snap_id),
-        kind="full" if parent is None else "incremental",
+        kind=PointKind.of(parent),
         stored_bytes=0,
         data_bytes=0,
         zero_bytes=0,

@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO, run_cli
 
 from rbd2qcow2.cli import main as cli
+from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec, chain_relpath
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.fsutil import make_dirs
@@ -32,7 +33,7 @@ def point(point_id: str, parent: str | None) -> mf.Point:
         size=1 << 20,
         image_id="imgid",
         snapshot=mf.Snapshot(f"rbd2qcow2.00000000.{point_id}", 7),
-        kind="full" if parent is None else "incremental",
+        kind=PointKind.of(parent),
         stored_bytes=1000,
         data_bytes=2000,
         zero_bytes=3000,

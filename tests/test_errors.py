@@ -226,13 +226,13 @@ def test_severity_order() -> None:
 
 def test_a_qemu_error_of_a_full_disk_is_target_full() -> None:
     from rbd2qcow2.core.errors import NbdError, QemuError
-    from rbd2qcow2.ops.prune import _full
+    from rbd2qcow2.ops.prune import as_target_full
 
-    full = _full(NbdError("write of 65536 bytes at 0 failed: nbd_pwrite: No space left on device"))
+    full = as_target_full(NbdError("write of 65536 bytes at 0 failed: nbd_pwrite: No space left on device"))
     assert isinstance(full, errors.TargetFull) and str(full).startswith("target file system full: NBD: write")
-    assert isinstance(_full(QemuError("commit: Disk quota exceeded")), errors.TargetFull)
+    assert isinstance(as_target_full(QemuError("commit: Disk quota exceeded")), errors.TargetFull)
     other = QemuError("Could not open 'x': Permission denied")
-    assert _full(other) is other
+    assert as_target_full(other) is other
 
 
 # -- one mapping from any exception to its error and exit code ---------------------------

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rbd2qcow2.core.errors import ChainDamaged, DataError
+from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.store import manifest as mf
 
@@ -39,7 +40,7 @@ def make_point(
         size=10 << 30,
         image_id=image_id,
         snapshot=mf.Snapshot(f"rbd2qcow2.{TAG}.{pid}", 17),
-        kind="full" if parent is None else "incremental",
+        kind=PointKind.of(parent),
         stored_bytes=123456,
         data_bytes=1 << 20,
         zero_bytes=2 << 20,
@@ -69,7 +70,7 @@ def resign(body: dict[str, Any]) -> bytes:
     """Serialise a hand-edited body with a valid checksum (as dumps() would)."""
     body = dict(body)
     body.pop("sha256", None)
-    body["sha256"] = hashlib.sha256(mf._canonical(body)).hexdigest()
+    body["sha256"] = hashlib.sha256(mf.canonical(body)).hexdigest()
     return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode()
 
 
@@ -486,7 +487,7 @@ def alarm() -> Any:
 
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "directory"])
 def test_chain_files_are_opened_only_as_regular_files(tmp_path: Path, kind: str, alarm: None) -> None:
-    from rbd2qcow2.ops import merge
+    from rbd2qcow2.ops import readback
     from rbd2qcow2.store.checksums import file_sha256, read_records
     from rbd2qcow2.store.qcow2 import read_header
     from rbd2qcow2.transfer.deepcheck import MappedChain
@@ -502,7 +503,7 @@ def test_chain_files_are_opened_only_as_regular_files(tmp_path: Path, kind: str,
         lambda: file_sha256(path),
         lambda: list(read_records(path)),
         lambda: read_header(path),
-        lambda: os.close(merge.open_for_read_back(path, direct=True)),
+        lambda: os.close(readback.open_for_read_back(path, direct=True)),
         lambda: MappedChain([path]).close(),
     ]
     for open_it in opens:

@@ -19,8 +19,8 @@ import pytest
 from rbd2qcow2.adapters import qemu
 from rbd2qcow2.adapters.nbdio import Connection
 from rbd2qcow2.core.errors import DataError, InUse, QemuError
-from rbd2qcow2.ops import merge
-from rbd2qcow2.ops.merge import _verify
+from rbd2qcow2.ops import merge, readback
+from rbd2qcow2.ops.readback import read_back
 from rbd2qcow2.store import qcow2
 from rbd2qcow2.store.checksums import BLOCK_SIZE, block_records, unpack_records
 
@@ -103,13 +103,13 @@ def test_read_back_accepts_the_commit_and_catches_a_wrong_block(chain: list[Path
     daemon.commit(chain, 1)
     blocks = [0, 1, 64, 65, 128, 192]  # zeros over data, data, zeros, zeros
     records = records_of(expected, blocks)
-    _verify(daemon, [a, l1], records, SIZE)
+    read_back(daemon, [a, l1], records, SIZE)
     wrong = [(i, d if i != 65 else b"\0" * 16) for i, d in records]
     with pytest.raises(DataError, match=str(65 * BLOCK_SIZE)):
-        _verify(daemon, [a, l1], wrong, SIZE)
+        read_back(daemon, [a, l1], wrong, SIZE)
     not_zero = [(i, d if i != 0 else records[2][1]) for i, d in records]
     with pytest.raises(DataError, match="offset 0"):
-        _verify(daemon, [a, l1], not_zero, SIZE)
+        read_back(daemon, [a, l1], not_zero, SIZE)
 
 
 def test_commit_writes_its_base_with_o_direct_where_the_file_system_has_it(
@@ -194,14 +194,14 @@ def test_what_a_killed_commit_preallocated_is_cut_before_the_next_one(chain: lis
 def test_read_back_opens_with_o_direct_or_falls_back_on_einval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "f"
     path.write_bytes(bytes(8192))
-    fd = merge.open_for_read_back(path, direct=True)
+    fd = readback.open_for_read_back(path, direct=True)
     try:
         assert bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) == has_o_direct(path)
         buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT asks
         assert os.preadv(fd, [buf], 4096) == 4096 and buf[:] == bytes(4096)
     finally:
         os.close(fd)
-    fd = merge.open_for_read_back(path, direct=False)
+    fd = readback.open_for_read_back(path, direct=False)
     try:
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
@@ -214,13 +214,13 @@ def test_read_back_opens_with_o_direct_or_falls_back_on_einval(tmp_path: Path, m
         return real_open(p, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", no_direct)
-    fd = merge.open_for_read_back(path, direct=True)
+    fd = readback.open_for_read_back(path, direct=True)
     try:
         assert os.pread(fd, 100, 0) == bytes(100)  # buffered: any length
     finally:
         os.close(fd)
     with pytest.raises(FileNotFoundError):
-        merge.open_for_read_back(tmp_path / "missing", direct=True)
+        readback.open_for_read_back(tmp_path / "missing", direct=True)
 
 
 def test_commit_refused_while_another_process_reads_the_chain(
@@ -267,10 +267,10 @@ def test_read_back_reads_blocks_the_merged_layer_leaves_to_its_backing(
     assert all(e.depth == 0 for e in own)
     assert not any(e.start <= 32 * BLOCK_SIZE < e.start + e.length for e in own)
     records = records_of(expected, [32, 64])
-    _verify(daemon, [a, l1], records, SIZE)
+    read_back(daemon, [a, l1], records, SIZE)
     other = records_of(bytes([0x22]) * SIZE, [32])
     with pytest.raises(DataError, match=str(32 * BLOCK_SIZE)):
-        _verify(daemon, [a, l1], [*other, records[1]], SIZE)
+        read_back(daemon, [a, l1], [*other, records[1]], SIZE)
 
 
 def test_read_back_of_blocks_stored_out_of_virtual_order_with_a_short_last_block(
@@ -283,10 +283,10 @@ def test_read_back_of_blocks_stored_out_of_virtual_order_with_a_short_last_block
     data = raw(layer)
     assert len(data) == size
     records = records_of(data, [0, 2]) + unpack_records(block_records(16 * BLOCK_SIZE, data[16 * BLOCK_SIZE :])[0])
-    _verify(daemon, [layer], sorted(records), size)
+    read_back(daemon, [layer], sorted(records), size)
     wrong = [(i, d if i != 16 else records[0][1]) for i, d in sorted(records)]
     with pytest.raises(DataError, match=str(16 * BLOCK_SIZE)):
-        _verify(daemon, [layer], wrong, size)
+        read_back(daemon, [layer], wrong, size)
 
 
 def test_commit_opens_only_the_base_writable() -> None:

@@ -12,12 +12,14 @@ import pytest
 from rbd2qcow2.adapters import qemu
 from rbd2qcow2.core.errors import ChainDamaged, NotFound
 from rbd2qcow2.core.extents import Extent
+from rbd2qcow2.core.kinds import MergeMethod, PointKind
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.core.retention import Decision, Policy
 from rbd2qcow2.ops import prune
-from rbd2qcow2.ops.merge import VERIFY_READ, merge_extents, plan_read_back
+from rbd2qcow2.ops.merge import merge_extents
 from rbd2qcow2.ops.merge import method as merge_method
 from rbd2qcow2.ops.prune import Delete, ImagePlan, Merge, PruneOptions
+from rbd2qcow2.ops.readback import VERIFY_READ, plan_read_back
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.refs import PointRef, parse_ref, select
 
@@ -39,7 +41,7 @@ def point(point_id: str, parent: str | None) -> mf.Point:
         size=8 * MiB,
         image_id="imgid",
         snapshot=mf.Snapshot(f"rbd2qcow2.{TAG}.{point_id}", 7),
-        kind="full" if parent is None else "incremental",
+        kind=PointKind.of(parent),
         stored_bytes=1000,
         data_bytes=2000,
         zero_bytes=3000,
@@ -477,9 +479,9 @@ def test_loads_rejects_pending_after_finish_merge_points_gone() -> None:
 
 
 def test_round_trip_commit_method_and_unknown_method() -> None:
-    m = manifest([A, B, C], pending=dataclasses.replace(pending((B,), C), method="commit"))
+    m = manifest([A, B, C], pending=dataclasses.replace(pending((B,), C), method=MergeMethod.COMMIT))
     assert mf.loads(mf.dumps(m), "here") == m
-    bad = manifest([A, B, C], pending=dataclasses.replace(pending((B,), C), method="rsync"))
+    bad = manifest([A, B, C], pending=dataclasses.replace(pending((B,), C), method="rsync"))  # type: ignore[arg-type]
     with pytest.raises(ChainDamaged, match="method"):
         mf.loads(mf.dumps(bad), "here")
 
@@ -576,7 +578,7 @@ def test_select_refuses_a_point_a_commit_merge_is_rewriting() -> None:
     def ref(point_id: str) -> PointRef:
         return parse_ref(f"{IMAGE}@{point_id}")
 
-    m = manifest([A, B, C], pending=dataclasses.replace(pending((A, B), C), method="commit"))
+    m = manifest([A, B, C], pending=dataclasses.replace(pending((A, B), C), method=MergeMethod.COMMIT))
     for victim in (A, B):
         with pytest.raises(NotFound, match="unfinished prune"):
             select(m, ref(victim))

@@ -11,7 +11,7 @@ import pytest
 
 from rbd2qcow2.adapters import qemu
 from rbd2qcow2.core.errors import QemuError
-from rbd2qcow2.ops.merge import own_extents
+from rbd2qcow2.ops.readback import own_extents
 from rbd2qcow2.store import qcow2
 from rbd2qcow2.store.qcow2 import host_clusters
 

@@ -291,7 +291,7 @@ def _plant(directory: Path, **checksums: object) -> None:
     body = json.loads((directory / mf.NAME).read_bytes())
     body["points"][0]["checksums"].update(checksums)
     body.pop("sha256")
-    body["sha256"] = hashlib.sha256(mf._canonical(body)).hexdigest()
+    body["sha256"] = hashlib.sha256(mf.canonical(body)).hexdigest()
     (directory / mf.NAME).write_text(json.dumps(body))
 
 

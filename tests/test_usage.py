@@ -13,6 +13,7 @@ import pytest
 
 from rbd2qcow2.adapters.qemu import MapExtent
 from rbd2qcow2.core.errors import ChainDamaged, QemuError
+from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.ops import usage
 from rbd2qcow2.store import manifest as mf
@@ -151,7 +152,7 @@ def _chain(root: Path, image: ImageSpec, layers: list[tuple[str, str | None, lis
                 size=4 * MiB,
                 image_id="1234abcd",
                 snapshot=mf.Snapshot(f"rbd2qcow2.0123abcd.{pid}", 7),
-                kind="full" if parent is None else "incremental",
+                kind=PointKind.of(parent),
                 stored_bytes=0,
                 data_bytes=0,
                 zero_bytes=0,

@@ -21,8 +21,9 @@ import pytest
 
 from rbd2qcow2.adapters import qemu
 from rbd2qcow2.core.errors import Error
+from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
-from rbd2qcow2.ops.verify import ChainVerifier, Report, VerifyOptions, _DaemonOnDemand
+from rbd2qcow2.ops.verify import ChainVerifier, DaemonOnDemand, Report, VerifyOptions
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.checksums import BLOCK_SIZE, OrderedWriter, block_records, digest
 from rbd2qcow2.transfer import deepcheck, hashworker
@@ -252,7 +253,7 @@ def manifest(files: list[Path]) -> mf.Manifest:
                 size=SIZES[i],
                 image_id="abc",
                 snapshot=mf.Snapshot(f"s{i}", i + 1),
-                kind="incremental" if i else "full",
+                kind=PointKind.INCREMENTAL if i else PointKind.FULL,
                 stored_bytes=path.stat().st_size,
                 data_bytes=0,
                 zero_bytes=0,
@@ -329,7 +330,7 @@ def test_verify_compressed_cluster(chain: list[Path], daemon: qemu.StorageDaemon
 def test_the_daemon_starts_only_when_qemu_must_read(chain: list[Path]) -> None:
     """Deep checks need qemu-storage-daemon only for blocks without a host offset (the base alone has none)."""
     manifest(chain)
-    with _DaemonOnDemand() as daemon:
+    with DaemonOnDemand() as daemon:
         report = verify(chain[:1], daemon, ids=IDS[:1])
         assert report.ok and daemon.pid is None
         report = verify(chain, daemon)

@@ -25,6 +25,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 Range = tuple[int, int]  # [start, end)
+# The qcow2 cluster of every layer written, and the block of the per-block checksums: one
+# size, so that every planned request covers whole checksum blocks.
+BLOCK_SIZE = 64 << 10
 
 
 class Kind(enum.Enum):
@@ -131,7 +134,7 @@ def plan(
     *,
     start: int,
     end: int,
-    cluster: int = 65536,
+    cluster: int = BLOCK_SIZE,
     max_read: int = 4 << 20,
     max_zero: int = 1 << 30,
 ) -> list[Chunk]:
@@ -150,7 +153,7 @@ def plan(
     return chunks
 
 
-def windows(size: int, window: int, cluster: int = 65536) -> Iterator[Range]:
+def windows(size: int, window: int, cluster: int = BLOCK_SIZE) -> Iterator[Range]:
     """Cluster-aligned windows that cover ``[0, size)``."""
     step = max(cluster, align_down(window, cluster))
     for off in range(0, size, step):
@@ -182,7 +185,7 @@ def sample_ranges(ranges: list[Range], fraction: float, region: int, rng: random
     return sorted(picked)
 
 
-def boundary_extent(parent_size: int | None, size: int, block: int = 65536) -> list[Extent]:
+def boundary_extent(parent_size: int | None, size: int, block: int = BLOCK_SIZE) -> list[Extent]:
     """The block at the old end of a resized image, re-read so that the layer records its checksum.
 
     Its content changes with the size (cut off, or followed by zeros now), so

@@ -22,7 +22,17 @@ MAX_COMPONENT = 200
 NAMESPACE_MARK = "@"  # never produced by encode(), so "@ns" cannot collide
 SNAP_PREFIX = "rbd2qcow2"
 _SAFE = re.compile(rb"[A-Za-z0-9_.-]")
-_POINT_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?")
+# A point id: the UTC time its snapshot was taken, and "-N" when that second was taken already.
+POINT_ID_FORMAT = "%Y%m%dT%H%M%SZ"
+POINT_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?"
+# The files of a chain: a point's layer and its checksums, and the names a file has while a
+# backup writes it (``.partial``) or a merge builds it (``.merge``); ``.tmp``: an atomic write's.
+LAYER_SUFFIX = ".qcow2"
+SUMS_SUFFIX = ".sums"
+PARTIAL_SUFFIX = ".partial"
+MERGE_SUFFIX = ".merge"
+TMP_SUFFIX = ".tmp"
+_POINT_RE = re.compile(POINT_ID_PATTERN)
 _TAG_RE = re.compile(r"[0-9a-f]{8}")
 
 
@@ -106,7 +116,7 @@ def chain_relpath(image: ImageSpec) -> tuple[str, ...]:
 
 def point_id(when: datetime, taken: set[str]) -> str:
     """A sortable point id from a UTC time, unique among ``taken``."""
-    base = when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = time_stamp(when)
     candidate, n = base, 1
     while candidate in taken:
         n += 1
@@ -118,16 +128,36 @@ def is_point_id(text: str) -> bool:
     return bool(_POINT_RE.fullmatch(text))
 
 
+def point_time(point: str) -> datetime:
+    """The UTC time a point id names (its ``-N`` suffix ignored)."""
+    return datetime.strptime(point[:16], POINT_ID_FORMAT).replace(tzinfo=UTC)
+
+
+def time_stamp(when: datetime) -> str:
+    """``when`` (UTC) written as a point id writes its time."""
+    return when.astimezone(UTC).strftime(POINT_ID_FORMAT)
+
+
 def layer_file(point: str) -> str:
-    return f"{point}.qcow2"
+    return f"{point}{LAYER_SUFFIX}"
 
 
 def sums_file(point: str) -> str:
-    return f"{point}.sums"
+    return f"{point}{SUMS_SUFFIX}"
 
 
 def partial(name: str) -> str:
-    return f"{name}.partial"
+    return f"{name}{PARTIAL_SUFFIX}"
+
+
+def merging(name: str) -> str:
+    """The name ``name`` has while a merge builds it."""
+    return f"{name}{MERGE_SUFFIX}"
+
+
+def hidden_tmp(name: str) -> str:
+    """The hidden temporary file an atomic write of ``name`` goes through."""
+    return f".{name}{TMP_SUFFIX}"
 
 
 def snapshot_name(target_tag: str, point: str) -> str:

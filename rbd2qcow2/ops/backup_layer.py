@@ -28,6 +28,7 @@ from ..core import names
 from ..core.errors import DiffMismatch, QemuError
 from ..core.extents import Chunk, Extent, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from ..core.faults import crashpoint, drop_extent
+from ..core.kinds import PointKind
 from ..store import manifest as mf
 from ..store.checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from ..store.fsutil import commit_file
@@ -122,7 +123,7 @@ class LayerWriter:
             size=snap.size,
             image_id=plan.image_id,
             snapshot=mf.Snapshot(snap.name, snap.id),
-            kind="incremental" if base.point else "full",
+            kind=PointKind.INCREMENTAL if base.point else PointKind.FULL,
             stored_bytes=layer.stat().st_blocks * 512,
             data_bytes=stats.data_bytes,
             zero_bytes=stats.zero_bytes,

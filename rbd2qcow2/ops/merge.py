@@ -15,8 +15,8 @@ parent ``A`` (or none): ``N`` over ``A`` must read exactly like ``B`` over
    from a read-only export of ``B``'s chain, NBD write into ``N``), which
    records a checksum per written block.
 3. ``N`` is checked (``qemu-img check``) and read back through its new
-   chain; every written block must match the checksum taken from ``B``'s
-   view, or the merge is abandoned.
+   chain (:mod:`rbd2qcow2.ops.readback`); every written block must match
+   the checksum taken from ``B``'s view, or the merge is abandoned.
 
 That is the general method (``copy``).  When ``L1..Lk`` and ``B`` all have
 the same virtual size, the usual case, and ``L1``'s file has no other hard
@@ -34,50 +34,44 @@ fail, rather than run, while another process has a file of the chain open.
 
 from __future__ import annotations
 
-import errno
+import functools
 import logging
-import mmap
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapters import qemu
-from ..core import names
-from ..core.errors import ChainDamaged, DataError
+from ..core.errors import ChainDamaged
 from ..core.extents import Chunk, Extent, boundary_extent, plan
 from ..core.faults import crashpoint
+from ..core.kinds import MergeMethod
 from ..store import manifest as mf
 from ..store.chain import checked_chain
 from ..store.checksums import (
     ALGORITHM,
-    BLOCK_SIZE,
     OrderedWriter,
-    block_records,
-    digest,
+    check_sums_file,
     file_sha256,
     read_records,
     stacked_records,
-    unpack_records,
     write_records,
-    zero_digest,
 )
-from ..store.fsutil import fsync_file, open_regular
-from ..store.qcow2 import create_layer, host_clusters, read_header
+from ..store.fsutil import fsync_file
+from ..store.layout import BLOCK_SIZE, merging, sums_file
+from ..store.qcow2 import create_layer, read_header
 from ..transfer.progress import Progress
+from ..transfer.threads import Background
+from .readback import read_back, settle
 
 if TYPE_CHECKING:
-    from ..adapters.nbdio import Connection
     from ..transfer.pipeline import Stats
 
 # The NBD client (libnbd) and the transfer pipeline are imported where they are
 # used: a commit merge that reads back from the layer files needs neither.
 
 logger = logging.getLogger(__name__)
-MERGE_SUFFIX = ".merge"
-VERIFY_READ = 4 << 20
 
 
 def merge_extents(view: Sequence[qemu.MapExtent], dropped: int, base: Sequence[qemu.MapExtent] | None) -> list[Extent]:
@@ -109,10 +103,7 @@ def _masked(hole: qemu.MapExtent, base: Sequence[qemu.MapExtent]) -> list[Extent
 
 def merge_files(directory: Path, child: mf.Point) -> tuple[Path, Path]:
     """Where the merged layer and its checksums are built."""
-    return (
-        directory / (child.file + MERGE_SUFFIX),
-        directory / (names.sums_file(child.id) + MERGE_SUFFIX),
-    )
+    return directory / merging(child.file), directory / merging(sums_file(child.id))
 
 
 def build(
@@ -140,8 +131,9 @@ def build(
         stale.unlink(missing_ok=True)
     create_layer(layer, child.size, parent.file if parent else None)
     sums = OrderedWriter(sums_path)
+    job = CopyJob(view_files, [*parent_files, layer], chunks, child, hide_zeros=parent is not None)
     try:
-        stats = _copy(daemon, view_files, [*parent_files, layer], chunks, sums, child, parallel, progress, parent)
+        stats = _copy(daemon, job, sums, parallel=parallel, progress=progress)
         qemu.check_layer(layer)
         sha = sums.finish()
     except BaseException:
@@ -149,46 +141,48 @@ def build(
         layer.unlink(missing_ok=True)
         sums_path.unlink(missing_ok=True)
         raise
-    _verify(daemon, [*parent_files, layer], read_records(sums_path), child.size)
+    read_back(daemon, [*parent_files, layer], read_records(sums_path), child.size)
     return mf.PendingMerge(
         child=child.id,
         drop=tuple(drop),
-        checksums=mf.Checksums(names.sums_file(child.id), ALGORITHM, BLOCK_SIZE, sha),
+        checksums=mf.Checksums(sums_file(child.id), ALGORITHM, BLOCK_SIZE, sha),
         stored_bytes=layer.stat().st_blocks * 512,
         data_bytes=stats.data_bytes,
         zero_bytes=stats.zero_bytes,
     )
 
 
-def _copy(
-    daemon: qemu.StorageDaemon,
-    view_files: list[Path],
-    new_files: list[Path],
-    chunks: list[Chunk],
-    sums: OrderedWriter,
-    child: mf.Point,
-    parallel: int,
-    progress: bool,
-    parent: mf.Point | None,
-) -> Stats:
+@dataclass(frozen=True)
+class CopyJob:
+    """What a copy merge copies: the chunks of the child's view into the new chain, for ``child``."""
+
+    view_files: list[Path]  # the child's chain, base first
+    new_files: list[Path]  # the new parent's chain and the merged layer on top
+    chunks: list[Chunk]
+    child: mf.Point
+    hide_zeros: bool  # the merged layer has a parent: zeros must be written over its data
+
+
+def _copy(daemon: qemu.StorageDaemon, job: CopyJob, sums: OrderedWriter, *, parallel: int, progress: bool) -> Stats:
     from ..adapters.nbdio import Connection, ConnectionPool
     from ..transfer.pipeline import Transfer, TransferOptions
 
-    view = daemon.export_chain(view_files, writable=False)
+    view = daemon.export_chain(job.view_files, writable=False)
     try:
-        new = daemon.export_chain(new_files, writable=True)
+        new = daemon.export_chain(job.new_files, writable=True)
         try:
             pool = ConnectionPool(new.socket, new.name, parallel)
             try:
-                with Progress(f"merge into {child.id}", sum(c.length for c in chunks), enabled=progress) as bar:
+                total = sum(c.length for c in job.chunks)
+                with Progress(f"merge into {job.child.id}", total, enabled=progress) as bar:
                     stats = Transfer(
                         open_reader=lambda: Connection(view.socket, view.name),
                         sink=pool,
                         sums=sums,
-                        size=child.size,
-                        hide_zeros=parent is not None,
+                        size=job.child.size,
+                        hide_zeros=job.hide_zeros,
                         options=TransferOptions(workers=parallel, progress=bar.update),
-                    ).run(chunks)
+                    ).run(job.chunks)
                 pool.flush()
             finally:
                 pool.close()
@@ -199,184 +193,10 @@ def _copy(
     return stats
 
 
-@dataclass
-class ReadBack:
-    """How to read back a merge's blocks: from layer files where qemu names a host offset (pure plan)."""
-
-    host: list[tuple[int, int, list[tuple[int, bytes]]]] = field(default_factory=list)  # layer, offset, records
-    zeros: list[tuple[int, bytes]] = field(default_factory=list)  # blocks qemu reports as zeros
-    qemu: list[tuple[int, bytes]] = field(default_factory=list)  # anything else: read through qemu
-
-
-def plan_read_back(
-    extents: Sequence[qemu.HostExtent], records: Iterable[tuple[int, bytes]], size: int, layers: int
-) -> ReadBack:
-    """Where each recorded block lies in the chain of ``layers`` files, by qemu's map (sorted by start).
-
-    The blocks found in layer files are grouped in the order they lie in
-    the files: a run is blocks stored one after another, whatever their
-    virtual offsets (a commit appends the clusters it allocates), read with
-    one request of at most ``VERIFY_READ`` bytes.
-    """
-    plan = ReadBack()
-    found: list[tuple[int, int, int, bytes]] = []  # layer, host offset, index, digest
-    i = 0
-    for index, dig in records:
-        start = index * BLOCK_SIZE
-        end = min(start + BLOCK_SIZE, size)
-        while i < len(extents) and extents[i].start + extents[i].length <= start:
-            i += 1
-        e = extents[i] if i < len(extents) else None
-        if e is None or not (e.start <= start and end <= e.start + e.length):
-            plan.qemu.append((index, dig))  # split between extents or left out of the map
-        elif e.zero:
-            plan.zeros.append((index, dig))
-        elif e.data and e.offset is not None and 0 <= e.depth < layers:
-            found.append((layers - 1 - e.depth, e.offset + start - e.start, index, dig))
-        else:
-            plan.qemu.append((index, dig))
-    found.sort()
-    for layer, offset, index, dig in found:
-        last = plan.host[-1] if plan.host else None
-        if (
-            last is not None
-            and last[0] == layer
-            and last[1] + len(last[2]) * BLOCK_SIZE == offset
-            and len(last[2]) * BLOCK_SIZE < VERIFY_READ
-        ):
-            last[2].append((index, dig))
-        else:
-            plan.host.append((layer, offset, [(index, dig)]))
-    return plan
-
-
-def _verify(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
-    """Read back every block the merge wrote, through the new chain, against its checksum.
-
-    Every block the merge wrote lies in the merged layer, the top of
-    ``files``: its L2 tables (or qemu) say where each of its clusters lies;
-    blocks it holds as data are hashed from the file, blocks it holds as zero
-    clusters must have been recorded as zeros, and anything else (a block the
-    layer leaves to its backing files, a compressed cluster, a block split
-    between extents) is read through a qemu NBD export of the whole chain.
-    """
-    plan = plan_read_back(own_extents(files[-1]), records, size, len(files))
-    for index, dig in plan.zeros:
-        if dig != zero_digest(min(BLOCK_SIZE, size - index * BLOCK_SIZE)):
-            raise DataError(f"merged layer reads zeros at offset {index * BLOCK_SIZE}; merge abandoned")
-    fds: dict[int, int] = {}
-    direct = all(offset % DIRECT_ALIGN == 0 for _, offset, _ in plan.host)
-    try:
-        for layer, _, _ in plan.host:
-            if layer not in fds:
-                fds[layer] = open_for_read_back(files[layer], direct=direct)
-        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-            shares = [plan.host[k::VERIFY_THREADS] for k in range(VERIFY_THREADS)]
-            for done in [pool.submit(_read_runs, fds, share, size) for share in shares]:
-                done.result()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    if plan.qemu:
-        _verify_nbd(daemon, files, plan.qemu, size)
-
-
-VERIFY_THREADS = 2  # the reads and checks run on both CPUs
-DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT reads: a multiple of any disk's logical block
-
-
-def open_for_read_back(path: Path, *, direct: bool) -> int:
-    """A descriptor that reads ``path`` with O_DIRECT where its file system allows it, else through the cache.
-
-    O_DIRECT reads what the disk holds, and takes no page-cache pages:
-    filling new ones cost more than the reads themselves on the machine
-    measured (a merge of 1,600 clusters by hand: 0.37-0.43 s against
-    0.49-0.56 s, with half the CPU; in ``bench_chain.py`` the same wall
-    time with a fifth less CPU).
-    """
-    if direct:
-        try:
-            return open_regular(path, os.O_DIRECT)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # tmpfs before Linux 6.6, some FUSE file systems
-                raise
-    return open_regular(path)
-
-
-def _read_runs(fds: dict[int, int], runs: list[tuple[int, int, list[tuple[int, bytes]]]], size: int) -> None:
-    """Read runs of stored blocks (layer, host offset, blocks) and check each block.
-
-    Lengths are rounded up to ``DIRECT_ALIGN`` into a page-aligned buffer
-    (what O_DIRECT asks); only the blocks' own bytes are checked.
-    """
-    # Freed by the garbage collector, not closed here: closing it while an error's
-    # traceback still holds a view of it would replace that error with a BufferError.
-    whole = memoryview(mmap.mmap(-1, VERIFY_READ))
-    for layer, offset, run in runs:
-        tail = min(BLOCK_SIZE, size - run[-1][0] * BLOCK_SIZE)
-        length = (len(run) - 1) * BLOCK_SIZE + tail
-        rounded = min(-(-length // DIRECT_ALIGN) * DIRECT_ALIGN, VERIFY_READ)
-        if os.preadv(fds[layer], [whole[:rounded]], offset) < length:
-            raise DataError(
-                f"merged layer is shorter than qemu maps it near offset {run[0][0] * BLOCK_SIZE}; merge abandoned"
-            )
-        _check_run(whole[:length], run, size)
-
-
-def own_extents(path: Path) -> list[qemu.HostExtent]:
-    """Where the layer ``path`` keeps its own clusters: from its L2 tables, else by ``qemu-img map``.
-
-    Reading the tables takes a few milliseconds; ``qemu-img map`` 15-25 ms.
-    """
-    runs = host_clusters(path)
-    if runs is None:
-        logger.info("%s: cluster map read by qemu-img map", path.name)
-        return qemu.map_own(path)
-    return [qemu.HostExtent(start, length, 0, zero, not zero, host) for start, length, zero, host in runs]
-
-
-def _check_run(data: memoryview, run: list[tuple[int, bytes]], size: int) -> None:
-    """Blocks stored one after another in ``data``: block k at ``k * BLOCK_SIZE``."""
-    for pos, (index, dig) in zip(range(0, len(run) * BLOCK_SIZE, BLOCK_SIZE), run, strict=True):
-        if digest(data[pos : pos + min(BLOCK_SIZE, size - index * BLOCK_SIZE)]) != dig:
-            raise DataError(
-                f"merged layer does not read back as written at offset {index * BLOCK_SIZE}; merge abandoned"
-            )
-
-
-def _verify_nbd(daemon: qemu.StorageDaemon, files: list[Path], records: Iterable[tuple[int, bytes]], size: int) -> None:
-    from ..adapters.nbdio import Connection
-
-    export = daemon.export_chain(files, writable=False)
-    try:
-        with Connection(export.socket, export.name) as conn:
-            run: list[tuple[int, bytes]] = []
-            for index, digest in records:
-                if run and (index != run[-1][0] + 1 or len(run) * BLOCK_SIZE >= VERIFY_READ):
-                    _verify_run(conn, run, size)
-                    run = []
-                run.append((index, digest))
-            if run:
-                _verify_run(conn, run, size)
-    finally:
-        daemon.remove_export(export)
-
-
-def _verify_run(conn: Connection, run: list[tuple[int, bytes]], size: int) -> None:
-    offset = run[0][0] * BLOCK_SIZE
-    length = min(len(run) * BLOCK_SIZE, size - offset)
-    records, _ = block_records(offset, conn.pread(length, offset))
-    if unpack_records(records) != run:
-        raise DataError(f"merged layer does not read back as written near offset {offset}; merge abandoned")
-
-
 # -- the commit method ------------------------------------------------------------------
 
-COPY = "copy"
-COMMIT = "commit"
 
-
-def method(m: mf.Manifest, drop: Sequence[str], child_id: str, *, shared: bool = False) -> str:
+def method(m: mf.Manifest, drop: Sequence[str], child_id: str, *, shared: bool = False) -> MergeMethod:
     """``commit`` when the dropped layers and the child share one size and all have checksums (pure).
 
     ``shared``: the file the commit would write (the oldest dropped layer's,
@@ -385,8 +205,8 @@ def method(m: mf.Manifest, drop: Sequence[str], child_id: str, *, shared: bool =
     """
     layers = [m.point(d) for d in drop] + [m.point(child_id)]
     if not shared and len({p.size for p in layers}) == 1 and all(p.checksums is not None for p in layers):
-        return COMMIT
-    return COPY
+        return MergeMethod.COMMIT
+    return MergeMethod.COPY
 
 
 def commit_base(directory: Path, m: mf.Manifest, drop: Sequence[str]) -> Path:
@@ -401,7 +221,7 @@ def linked_elsewhere(path: Path) -> bool:
 
 def pending_commit_is_shared(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> bool:
     """A journaled commit merge whose base has other hard links by now, and that was not renamed yet."""
-    if pm.method != COMMIT or _renamed(directory, m, pm):
+    if pm.method != MergeMethod.COMMIT or _renamed(directory, m, pm):
         return False
     base = commit_base(directory, m, pm.drop)
     return base.exists() and linked_elsewhere(base)
@@ -421,8 +241,7 @@ def _sums_paths(directory: Path, layers: Sequence[mf.Point]) -> list[Path]:
         if p.checksums is None:
             raise ChainDamaged(str(directory), f"point {p.id} has no checksums")
         path = directory / p.checksums.file
-        if file_sha256(path) != p.checksums.sha256:
-            raise ChainDamaged(str(path), "checksum file does not match the manifest")
+        check_sums_file(path, p.checksums.sha256)
         paths.append(path)
     return paths
 
@@ -436,9 +255,9 @@ def merged_sums_ready(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> b
     """
     child = m.point(pm.child)
     _, merged = merge_files(directory, child)
-    if _sha_matches(directory / names.sums_file(child.id), pm) or _sha_matches(merged, pm):
+    if _sha_matches(directory / sums_file(child.id), pm) or _sha_matches(merged, pm):
         return True
-    if pm.method != COMMIT:
+    if pm.method != MergeMethod.COMMIT:
         return False
     if merged.is_dir() and not merged.is_symlink():
         raise ChainDamaged(str(merged), "is a directory, not the merge's checksum file")
@@ -471,11 +290,11 @@ def journal_commit(directory: Path, m: mf.Manifest, drop: Sequence[str], child_i
     return mf.PendingMerge(
         child=child.id,
         drop=tuple(drop),
-        checksums=mf.Checksums(names.sums_file(child.id), ALGORITHM, BLOCK_SIZE, sha),
+        checksums=mf.Checksums(sums_file(child.id), ALGORITHM, BLOCK_SIZE, sha),
         stored_bytes=0,  # known once the merged layer is in place
         data_bytes=min(data * BLOCK_SIZE, child.size),
         zero_bytes=min(zeros * BLOCK_SIZE, child.size),
-        method=COMMIT,
+        method=MergeMethod.COMMIT,
     )
 
 
@@ -522,9 +341,12 @@ def commit_in_place(
         daemon.commit(files, base, bar.update)
     fsync_file(merged)
     # qemu-img check of the merged layer runs while its blocks are read back; both must pass.
-    with ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(qemu.check_layer, merged)
-        _verify(daemon, files[: base + 1], stacked_records(_sums_paths(directory, upper)), child.size)
-        checked.result()
+    checked = Background(functools.partial(qemu.check_layer, merged), "check")
+    try:
+        read_back(daemon, files[: base + 1], stacked_records(_sums_paths(directory, upper)), child.size)
+    except BaseException:
+        settle([checked])  # the read-back's failure is the one reported, once the check is over
+        raise
+    checked.result()
     crashpoint("prune-after-build")
     os.replace(merged, child_path)

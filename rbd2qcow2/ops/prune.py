@@ -21,7 +21,7 @@ builds are named in the manifest's journal (``writing``) before they are
 created, and the files of dropped points when the manifest drops them, so
 the next run removes what a kill left and nothing else.  Pruning never
 removes an RBD snapshot, and the newest point (the base of the next backup)
-is always kept.
+is always kept.  The recovery of a pending merge lives in :mod:`rbd2qcow2.ops.journal`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,27 +40,27 @@ from ..core import names
 from ..core.errors import (
     FULL_ERRNOS,
     STORAGE_ERRNOS,
-    ChainDamaged,
     Error,
     Locked,
-    NotFound,
     StorageError,
     TargetFull,
     UsageError,
     storage_error,
 )
 from ..core.faults import crashpoint
+from ..core.kinds import MergeMethod
 from ..core.retention import Decision, Policy, Stamp, decide
 from ..store import manifest as mf
 from ..store.activity import point_latest, record
-from ..store.chain import remove_orphan_files
-from ..store.fsutil import chain_lock, fsync_dir, keep_reserve, release_reserve
-from ..store.qcow2 import read_header
+from ..store.fsutil import keep_reserve
+from ..store.layout import point_time
+from ..store.refs import parse_ref, select
 from ..store.target import iter_chains, open_target
 from . import merge
+from .access import CHANGE, chain_session, with_chain
+from .journal import finish, point_files, recover, save_dropping, unlink_points
 
 logger = logging.getLogger(__name__)
-RECOVER_PARALLEL = 4  # connections of a merge finished by copy during recovery (PruneOptions' default)
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,7 @@ def plan_actions(m: mf.Manifest, drop: set[str]) -> list[Action]:
 
 
 def stamps(m: mf.Manifest) -> list[Stamp]:
-    return [
-        Stamp(p.id, datetime.strptime(p.id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), seq)
-        for seq, p in enumerate(m.points)
-    ]
+    return [Stamp(p.id, point_time(p.id), seq) for seq, p in enumerate(m.points)]
 
 
 def plan_image(m: mf.Manifest, opts: PruneOptions) -> ImagePlan:
@@ -193,139 +189,6 @@ def format_plan(plan: ImagePlan, *, dry_run: bool) -> str:
 # -- execution ----------------------------------------------------------------------
 
 
-def recover(
-    directory: Path, m: mf.Manifest, daemon: qemu.StorageDaemon | None = None, *, target: Path | None = None
-) -> mf.Manifest:
-    """Finish a merge that an interrupted run left pending (idempotent).
-
-    ``target``: the target's root, whose reserve may be released to commit.
-    """
-    pm = m.pending
-    if pm is None:
-        return m
-    logger.warning("%s: finishing the interrupted merge of %s into %s", m.image, ", ".join(pm.drop), pm.child)
-    shared = merge.pending_commit_is_shared(directory, m, pm)
-    if (pm.method == merge.COMMIT or shared) and daemon is None:
-        with qemu.storage_daemon() as own:
-            return _resume(directory, m, pm, own, shared=shared, target=target)
-    return _resume(directory, m, pm, daemon, shared=shared, target=target)
-
-
-def _resume(
-    directory: Path,
-    m: mf.Manifest,
-    pm: mf.PendingMerge,
-    daemon: qemu.StorageDaemon | None,
-    *,
-    shared: bool,
-    target: Path | None,
-) -> mf.Manifest:
-    if shared:
-        assert daemon is not None
-        m, pm = _commit_as_copy(directory, m, pm, daemon)
-    return _finish(directory, m, pm, daemon, progress=False, resumed=True, target=target)
-
-
-def _commit_as_copy(
-    directory: Path, m: mf.Manifest, pm: mf.PendingMerge, daemon: qemu.StorageDaemon
-) -> tuple[mf.Manifest, mf.PendingMerge]:
-    """A pending commit whose base got other hard links: journaled again as a copy merge of the same points.
-
-    The base is not written (nor cut back): the child's view, which the copy
-    reads, never depended on what the commit did to it.  Killed before the
-    new journal is written, the next run comes here again.
-    """
-    base = merge.commit_base(directory, m, pm.drop)
-    logger.warning("%s: %s has other hard links; the merge copies instead of writing it", m.image, base.name)
-    copy = merge.build(directory, m, pm.drop, pm.child, daemon, parallel=RECOVER_PARALLEL, progress=False)
-    journaled = dataclasses.replace(m, pending=copy)
-    mf.save(directory, journaled)
-    return journaled, copy
-
-
-def _finish(
-    directory: Path,
-    m: mf.Manifest,
-    pm: mf.PendingMerge,
-    daemon: qemu.StorageDaemon | None,
-    *,
-    progress: bool,
-    resumed: bool = False,
-    target: Path | None = None,
-) -> mf.Manifest:
-    """Put the merged files in place, commit, delete the dropped files (each step idempotent)."""
-    child = m.point(pm.child)
-    layer, sums = merge.merge_files(directory, child)
-    if not merge.merged_sums_ready(directory, m, pm):
-        return _give_up(directory, m, pm)
-    renames = [(sums, directory / names.sums_file(child.id))]
-    if pm.method == merge.COMMIT:
-        assert daemon is not None
-        merge.commit_in_place(directory, m, pm, daemon, progress=progress, resumed=resumed)
-    else:
-        renames.insert(0, (layer, directory / child.file))
-    for tmp, final in renames:
-        if tmp.exists():
-            os.replace(tmp, final)
-    fsync_dir(directory)
-    crashpoint("prune-after-rename")
-    if pm.method == merge.COMMIT:
-        pm = dataclasses.replace(pm, stored_bytes=(directory / child.file).stat().st_blocks * 512)
-    built = {path.name for path in merge.merge_files(directory, child)}
-    dropped = [m.point(d) for d in pm.drop]
-    writing = (*(n for n in m.writing if n not in built), *_files(dropped))
-    done = dataclasses.replace(m, pending=pm, writing=writing).finish_merge()
-    _save_dropping(directory, done, target)
-    crashpoint("prune-after-commit")
-    return _unlink_points(directory, done, dropped)
-
-
-def _give_up(directory: Path, m: mf.Manifest, pm: mf.PendingMerge) -> mf.Manifest:
-    """Drop a copy merge whose checksums were lost before its layer was renamed: the chain stays as it was."""
-    child = m.point(pm.child)
-    first = m.point(pm.drop[0])
-    parent = m.point(first.parent).file if first.parent else None
-    if read_header(directory / child.file).backing_file == parent:  # the merged layer is in place already
-        raise ChainDamaged(str(directory), f"the merged checksums of {child.id} are missing or damaged")
-    logger.warning("%s: the merge into %s lost its checksums; given up, the chain stays as it was", m.image, child.id)
-    undone = dataclasses.replace(m, pending=None)
-    mf.save(directory, undone)
-    for path in merge.merge_files(directory, child):
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-    fsync_dir(directory)
-    return undone
-
-
-def _save_dropping(directory: Path, m: mf.Manifest, target: Path | None) -> None:
-    """Save a manifest that drops points; on a full file system, in the room of the target's reserve.
-
-    The dropped points' files go only once the manifest no longer names
-    them, so freeing space starts with writing the manifest.
-    """
-    try:
-        mf.save(directory, m)
-    except TargetFull:
-        if target is None or not release_reserve(target):
-            raise
-        mf.save(directory, m)
-
-
-def _files(points: Sequence[mf.Point]) -> tuple[str, ...]:
-    return tuple(name for p in points for name in (p.file, names.sums_file(p.id)))
-
-
-def _unlink_points(directory: Path, m: mf.Manifest, points: Sequence[mf.Point]) -> mf.Manifest:
-    """Delete the files of points ``m`` no longer has (its journal names them), then clear the journal."""
-    gone = _files(points)
-    for name in gone:
-        (directory / name).unlink(missing_ok=True)
-    fsync_dir(directory)
-    m = dataclasses.replace(m, writing=tuple(n for n in m.writing if n not in gone))
-    mf.save(directory, m)
-    return m
-
-
 def apply(directory: Path, m: mf.Manifest, actions: Sequence[Action], opts: PruneOptions) -> mf.Manifest:
     """Run the actions, deletions first: they need no room, and free what the merges need."""
     try:
@@ -348,9 +211,9 @@ def _delete(directory: Path, m: mf.Manifest, action: Delete, target: Path) -> mf
     for p in reversed(points):
         m = m.without(p.id)
     # The journal names the dropped files: a kill before they are gone leaves them to the next run.
-    m = dataclasses.replace(m, writing=(*m.writing, *_files(points)))
-    _save_dropping(directory, m, target)
-    m = _unlink_points(directory, m, points)
+    m = dataclasses.replace(m, writing=(*m.writing, *point_files(points)))
+    save_dropping(directory, m, target)
+    m = unlink_points(directory, m, points)
     logger.info("%s: deleted %s", m.image, ", ".join(action.drop))
     return m
 
@@ -364,7 +227,7 @@ def _merge(
     m = dataclasses.replace(m, writing=(*m.writing, *(n for n in built if n not in m.writing)))
     mf.save(directory, m)
     shared = merge.linked_elsewhere(merge.commit_base(directory, m, action.drop))
-    if merge.method(m, action.drop, action.child, shared=shared) == merge.COMMIT:
+    if merge.method(m, action.drop, action.child, shared=shared) == MergeMethod.COMMIT:
         pending = merge.journal_commit(directory, m, action.drop, action.child)
     else:
         pending = merge.build(
@@ -380,7 +243,7 @@ def _merge(
         raise
     crashpoint("prune-after-journal")
     try:
-        done = _finish(directory, journaled, pending, daemon, progress=opts.progress, target=opts.target)
+        done = finish(directory, journaled, pending, daemon, progress=opts.progress, target=opts.target)
     except Locked:
         # The commit did not start: nothing was written, the journal is undone.
         mf.save(directory, m)
@@ -409,35 +272,19 @@ def prune(specs: Sequence[str], opts: PruneOptions) -> list[ImagePlan]:
     return results
 
 
-def _lock(directory: Path, target: Path, *, wait: bool, what: str) -> ExitStack:
-    """The chain's lock; a lock file that a full file system has no room for is made in the reserve's."""
-    stack = ExitStack()
-    try:
-        stack.enter_context(chain_lock(directory, wait=wait, what=what))
-    except TargetFull:
-        if not release_reserve(target):
-            raise
-        stack.callback(keep_reserve, target)  # again once the chain is unlocked, where there is room
-        stack.enter_context(chain_lock(directory, wait=wait, what=what))
-    return stack
-
-
 def prune_chain(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> ImagePlan:
     """Recover, plan and apply the policy to one chain, under its lock."""
+    access = dataclasses.replace(CHANGE, recover=False, clean=False) if opts.dry_run else CHANGE
     try:
-        with _lock(directory, opts.target, wait=opts.wait, what=str(image)):
-            m = mf.load(directory)
+        with chain_session(directory, str(image), access, wait=opts.wait, target=opts.target) as m:
             if m is None:
                 return ImagePlan(image, {}, ())
-            if not opts.dry_run:
-                m = recover(directory, m, target=opts.target)
-                m = remove_orphan_files(directory, m)
             plan = plan_image(m, opts)
             if not opts.dry_run and plan.actions:
                 apply(directory, m, plan.actions, opts)
             return plan
     except Error as exc:
-        exc = _full(exc)
+        exc = as_target_full(exc)
         logger.error("%s: %s", image, exc)
         return ImagePlan(image, {}, (), exc)
     except OSError as exc:  # the target's file system; the other chains go on
@@ -450,42 +297,52 @@ def prune_chain(directory: Path, image: names.ImageSpec, opts: PruneOptions) -> 
 
 def delete_point(target: Path, ref_text: str, *, wait: bool = False, parallel: int = 4, progress: bool = False) -> str:
     """Remove one point; the points after it keep their content.  Returns its reference."""
-    from ..store.refs import parse_ref, select
-    from ..store.target import chain_dir
-
     ref = parse_ref(ref_text)
-    open_target(target, create=False)
-    directory = chain_dir(target, ref.image)
-    missing = NotFound(f"no backups of {ref.image} in {target}")
-    # Before the lock, which would create a file there; layers without a manifest are damage (65), not absence.
-    if not directory.is_dir() or mf.load(directory) is None:
-        raise missing
     try:
-        with _lock(directory, target, wait=wait, what=str(ref.image)):
-            m = mf.load(directory)
-            if m is None:
-                raise missing
-            m = recover(directory, m, target=target)
-            m = remove_orphan_files(directory, m)
+        with with_chain(target, ref.image, CHANGE, wait=wait) as chain:
+            m = chain.manifest
+            assert m is not None
             point = select(m, ref)
             if m.latest is not None and point.id == m.latest.id:
                 logger.warning("%s: deleting the newest point; the next backup is a full one", ref.image)
             opts = PruneOptions(target=target, parallel=parallel, progress=progress)
-            apply(directory, m, plan_actions(m, {point.id}), opts)
+            apply(chain.directory, m, plan_actions(m, {point.id}), opts)
             return f"{ref.image}@{point.id}"
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
             raise
         raise storage_error(exc) from exc
     except Error as exc:
-        full = _full(exc)
+        full = as_target_full(exc)
         if full is exc:
             raise
         raise full from exc
 
 
-def _full(exc: Error) -> Error:
+def as_target_full(exc: Error) -> Error:
     """A qemu or NBD error that says the file system is full, as such (qemu reports it as text)."""
     if isinstance(exc, TargetFull) or not any(os.strerror(e) in str(exc) for e in FULL_ERRNOS):
         return exc
     return TargetFull(str(exc))
+
+
+__all__ = [
+    "Action",
+    "Delete",
+    "ImagePlan",
+    "Merge",
+    "PruneOptions",
+    "apply",
+    "as_target_full",
+    "chains",
+    "delete_point",
+    "depth_drops",
+    "format_plan",
+    "plan_actions",
+    "plan_dict",
+    "plan_image",
+    "prune",
+    "prune_chain",
+    "recover",  # re-exported for the backup, until it opens its chain with ops.access.with_chain
+    "stamps",
+]

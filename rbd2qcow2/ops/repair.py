@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING
 
 from ..core import names
 from ..core.errors import ChainDamaged, Error, NotFound, UsageError
+from ..core.kinds import PointFlag, PointKind
 from ..store import manifest as mf
 from ..store.activity import point_latest, record
 from ..store.chain import checked_chain
-from ..store.checksums import ALGORITHM, BLOCK_SIZE, ZERO_DIGEST, file_sha256, read_records
+from ..store.checksums import ALGORITHM, ZERO_DIGEST, file_sha256, read_records
 from ..store.fsutil import chain_lock
+from ..store.layout import BLOCK_SIZE, LAYER_SUFFIX, is_point_id, layer_file, point_time, sums_file, time_stamp
 from ..store.qcow2 import Header, check_header, read_header
 from ..store.target import chain_dir, open_target
 
@@ -48,9 +50,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPAIRED = "repaired"
-NO_SNAPSHOT = "no-snapshot"
-NO_INCREMENTAL = "no-incremental"
+REPAIRED = PointFlag.REPAIRED
+NO_SNAPSHOT = PointFlag.NO_SNAPSHOT
+NO_INCREMENTAL = PointFlag.NO_INCREMENTAL
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def _commit(directory: Path, m: mf.Manifest) -> Path | None:
     old = directory / mf.NAME
     kept = None
     if old.exists() or old.is_symlink():
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = time_stamp(datetime.now(UTC))
         kept = directory / f"{mf.NAME}.damaged-{stamp}"
         n = 1
         while kept.exists() or kept.is_symlink():
@@ -199,7 +201,7 @@ def rebuild(directory: Path, image: names.ImageSpec, tag: str, source: Source | 
     points = [_point(directory, layers[pid], source, tag, left) for pid in sorted(kept)]
     for p in points:
         if p.parent is not None and p.parent > p.id:
-            raise ChainDamaged(where, f"layer {p.file} is older than its backing file {p.parent}.qcow2")
+            raise ChainDamaged(where, f"layer {p.file} is older than its backing file {layer_file(p.parent)}")
     if points and NO_SNAPSHOT in points[-1].flags:
         last = points[-1]
         points[-1] = dataclasses.replace(last, flags=(*last.flags, NO_INCREMENTAL))
@@ -208,7 +210,7 @@ def rebuild(directory: Path, image: names.ImageSpec, tag: str, source: Source | 
     m = mf.loads(mf.dumps(m), where)  # every rule a loaded manifest must meet
     for p in m.points:
         checked_chain(directory, m, p.id)
-    named = {p.file for p in m.points} | {names.sums_file(p.id) for p in m.points}
+    named = {p.file for p in m.points} | {sums_file(p.id) for p in m.points}
     reported = {name for name, _ in left}
     for name in mf.own_files(directory):
         if name not in named and name not in reported:
@@ -220,9 +222,9 @@ def _layers(directory: Path, left: list[tuple[str, str]]) -> dict[str, _Layer]:
     """Every ``<id>.qcow2`` whose header reads, with the parent it names."""
     layers: dict[str, _Layer] = {}
     for name in mf.own_files(directory):
-        pid, _, ext = name.partition(".")
-        if ext != "qcow2":
+        if not name.endswith(LAYER_SUFFIX):
             continue
+        pid = name.removesuffix(LAYER_SUFFIX)
         try:
             header = read_header(directory / name)
         except ChainDamaged as exc:
@@ -242,8 +244,8 @@ def _parent(directory: Path, name: str, header: Header) -> str | None:
     backing = header.backing_file
     if backing is None:
         return None
-    pid, _, ext = backing.partition(".")
-    if ext != "qcow2" or not names.is_point_id(pid):
+    pid = backing.removesuffix(LAYER_SUFFIX)
+    if not backing.endswith(LAYER_SUFFIX) or not is_point_id(pid):
         raise ChainDamaged(str(directory), f"{name} names {backing!r} as backing file, not a layer of this directory")
     return pid
 
@@ -258,7 +260,7 @@ def _connected(layers: dict[str, _Layer], left: list[tuple[str, str]], where: st
         if other != layer.id:
             raise ChainDamaged(
                 where,
-                f"{other}.qcow2 and {layer.id}.qcow2 both name {layer.parent}.qcow2 as backing file",
+                f"{layer_file(other)} and {layer_file(layer.id)} both name {layer_file(layer.parent)} as backing file",
             )
     kept: set[str] = set()
     for pid in sorted(layers):
@@ -271,13 +273,14 @@ def _connected(layers: dict[str, _Layer], left: list[tuple[str, str]], where: st
             kept.update(trail)
     for pid in sorted(set(layers) - kept):
         parent = layers[pid].parent
-        why = f"its backing file {parent}.qcow2 is missing or left out" if parent not in layers else "a backing loop"
-        left.append((f"{pid}.qcow2", why))
+        missing = f"its backing file {parent}{LAYER_SUFFIX} is missing or left out"
+        why = missing if parent not in layers else "a backing loop"
+        left.append((layer_file(pid), why))
     return kept
 
 
 def _point(directory: Path, layer: _Layer, source: Source | None, tag: str, left: list[tuple[str, str]]) -> mf.Point:
-    name = f"{layer.id}.qcow2"
+    name = layer_file(layer.id)
     snap_name = names.snapshot_name(tag, layer.id)
     facts = source.snapshots.get(snap_name) if source is not None else None
     if facts is not None and -(-facts.size // 512) * 512 != layer.header.size:
@@ -286,7 +289,7 @@ def _point(directory: Path, layer: _Layer, source: Source | None, tag: str, left
     size = facts.size if facts is not None else layer.header.size
     sums, data, zeros = _sums(directory, layer.id, size, left)
     flags = (REPAIRED,) if facts is not None else (REPAIRED, NO_SNAPSHOT)
-    created = facts.created if facts is not None else datetime.strptime(layer.id[:16], "%Y%m%dT%H%M%SZ")
+    created = facts.created if facts is not None else point_time(layer.id)
     return mf.Point(
         id=layer.id,
         file=name,
@@ -295,7 +298,7 @@ def _point(directory: Path, layer: _Layer, source: Source | None, tag: str, left
         size=size,
         image_id=source.image_id if source is not None and facts is not None else "",
         snapshot=mf.Snapshot(snap_name, facts.id if facts is not None else 0),
-        kind="incremental" if layer.parent else "full",
+        kind=PointKind.of(layer.parent),
         stored_bytes=(directory / name).lstat().st_blocks * 512,
         data_bytes=data,
         zero_bytes=zeros,
@@ -306,7 +309,7 @@ def _point(directory: Path, layer: _Layer, source: Source | None, tag: str, left
 
 def _sums(directory: Path, pid: str, size: int, left: list[tuple[str, str]]) -> tuple[mf.Checksums | None, int, int]:
     """The point's checksum file, if it is there and reads whole; its data and zero bytes."""
-    name = names.sums_file(pid)
+    name = sums_file(pid)
     path = directory / name
     if not path.exists() and not path.is_symlink():
         return None, 0, 0

@@ -1,7 +1,7 @@
 """Restores: a point into an RBD image, a raw file, a block device or a flat qcow2; overlays; NBD serving.
 
 Every path checks the chain's headers against the manifest before qemu
-opens a file (:func:`rbd2qcow2.store.chain.checked_chain`) and reads the data
+opens a file (:mod:`rbd2qcow2.ops.located`) and reads the data
 through qemu, never by parsing qcow2.  Restores read the point through a
 qemu NBD export of its chain and check every block they copy against the
 checksums recorded when it was backed up, in the same pass: a block that
@@ -20,25 +20,21 @@ import secrets
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapters import qemu
 from ..adapters.nbdio import Connection, ConnectionPool
-from ..core.errors import ChainDamaged, Error, LayerCorrupt, NotFound, QemuError, StorageError, TargetError, UsageError
+from ..core.errors import ChainDamaged, Error, QemuError, StorageError, TargetError, UsageError
 from ..core.faults import crashpoint
 from ..core.names import ImageSpec, parse_spec
-from ..store import manifest as mf
 from ..store import qcow2
-from ..store.chain import as_read, checked_chain
-from ..store.checksums import chain_digests, file_sha256
 from ..store.fsutil import DIR_MODE, FILE_MODE, fsync_dir
-from ..store.refs import parse_ref, select
-from ..store.target import chain_dir, open_target
+from ..store.layout import PARTIAL_SUFFIX
 from ..transfer.copier import BlockCheck, Copier, Sink, allocated_chunks
 from ..transfer.progress import Progress
-from ..transfer.threads import every, in_parallel
+from ..transfer.threads import every
+from .located import Located, block_check, check_structure, locate
 
 if TYPE_CHECKING:  # ceph (rados, rbd) is imported only by the RBD paths
     from ..adapters.ceph import Cluster
@@ -55,111 +51,12 @@ STRAY_NAME_AGE = 300  # seconds: an id object without image this old is no creat
 ASIDE_MARK = ".rbd2qcow2-replaced-"  # --force: the old image under this name until the new one is in place
 
 
-@dataclass(frozen=True)
-class Located:
-    """A point and its checked chain of files, base first."""
-
-    ref: str
-    point: mf.Point
-    files: list[Path]
-    directory: Path
-    manifest: mf.Manifest
-
-
-def locate(target: Path, ref_text: str) -> Located:
-    """Find the point ``POOL/IMAGE@POINT`` and check its chain's headers."""
-    ref = parse_ref(ref_text)
-    open_target(target, create=False)
-    directory = chain_dir(target, ref.image)
-    m = mf.load(directory) if directory.is_dir() else None
-    if m is None:
-        raise NotFound(f"no backups of {ref.image} in {target}")
-    m = as_read(directory, m)
-    point = select(m, ref)
-    flagged = [p.id for p in m.chain_of(point.id) if "damaged" in p.flags]
-    if flagged:
-        logger.warning(
-            "%s@%s: points of its chain failed verification (%s); the data may not be what was backed up",
-            ref.image,
-            point.id,
-            ", ".join(flagged),
-        )
-    files = checked_chain(directory, m, point.id)
-    return Located(f"{ref.image}@{point.id}", point, files, directory, m)
-
-
 def parse_rbd_dest(text: str) -> ImageSpec:
     """``rbd:POOL/IMAGE`` or ``rbd:POOL/NAMESPACE/IMAGE``."""
     sel = parse_spec(text.removeprefix("rbd:"))
     if sel.name is None:
         raise UsageError(f"--to {text!r}: expected rbd:POOL/IMAGE")
     return ImageSpec(sel.pool, sel.namespace or "", sel.name)
-
-
-# -- checks -----------------------------------------------------------------------
-
-
-def check_structure(loc: Located, *, parallel: int = 4) -> None:
-    """What a chain handed out whole must pass: ``qemu-img check`` of every layer, and checksum files
-    as the manifest recorded them.  Headers were checked by :func:`locate`."""
-    chain = loc.manifest.chain_of(loc.point.id)
-    for p in chain:
-        if p.checksums is None:
-            continue
-        try:
-            actual = file_sha256(loc.directory / p.checksums.file)
-        except OSError as exc:
-            raise ChainDamaged(loc.ref, f"{p.checksums.file}: cannot read: {exc.strerror or exc}") from exc
-        if actual != p.checksums.sha256:
-            raise ChainDamaged(loc.ref, f"{p.checksums.file}: checksum file does not match the manifest")
-
-    def check(path: Path) -> Error | None:
-        try:
-            qemu.check_layer(path)
-        except Error as exc:
-            return exc
-        return None
-
-    for path, error in zip(loc.files, in_parallel(check, loc.files, parallel, "check"), strict=True):
-        if error is not None:
-            if not isinstance(error, LayerCorrupt):  # qemu could not run the check: nothing known of the layer
-                raise error
-            raise ChainDamaged(loc.ref, f"{path.name}: {error}") from error
-
-
-def expected_digests(loc: Located) -> dict[int, bytes] | None:
-    """The expected digest of every block some layer of the chain recorded; None when a layer
-    recorded none (older manifests), as the point then cannot be checked.
-
-    A point's block is the record of the newest layer of its chain that
-    recorded it (a layer smaller than its parent cuts off its parent's
-    blocks beyond its size), or zeros; see :meth:`verify.ChainVerifier.expected`.
-    """
-    chain = loc.manifest.chain_of(loc.point.id)
-    if any(p.checksums is None for p in chain):
-        return None
-    layers: list[tuple[Path | None, int]] = []
-    for layer in chain:
-        assert layer.checksums is not None
-        sums = loc.directory / layer.checksums.file
-        try:
-            if file_sha256(sums) != layer.checksums.sha256:
-                raise ChainDamaged(loc.ref, f"{layer.checksums.file}: checksum file does not match the manifest")
-        except OSError as exc:
-            raise ChainDamaged(loc.ref, f"{layer.checksums.file}: cannot read: {exc.strerror or exc}") from exc
-        layers.append((sums, layer.size))
-    try:
-        return chain_digests(layers)
-    except OSError as exc:
-        raise ChainDamaged(loc.ref, f"a checksum file cannot be read: {exc.strerror or exc}") from exc
-
-
-def block_check(loc: Located) -> BlockCheck | None:
-    digests = expected_digests(loc)
-    if digests is None:
-        logger.warning("%s: a layer of its chain has no checksums; the restored data is not checked", loc.ref)
-        return None
-    return BlockCheck(loc.ref, digests, loc.point.size)
 
 
 # -- files ------------------------------------------------------------------------
@@ -179,7 +76,7 @@ def restore_file(loc: Located, out: Path, fmt: str, *, force: bool, parallel: in
         _restore_to_device(loc, out, parallel=parallel, progress=progress)
         return
     check = block_check(loc)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.name}{PARTIAL_SUFFIX}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:

@@ -2,7 +2,8 @@
 
 Verify holds the chain lock while it checks a chain, so that no backup or
 prune changes it meanwhile, and first finishes a merge that an interrupted
-prune left pending (as a prune would); it changes no other chain file.
+prune left pending (as a prune would; :data:`rbd2qcow2.ops.access.CHECK`);
+it changes no other chain file.
 
 Only damage flags a point: a layer whose header, checksum file or
 ``qemu-img check`` is wrong, or content that differs from the recorded
@@ -27,7 +28,6 @@ import dataclasses
 import logging
 import os
 import random
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,29 +36,26 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import qemu
 from ..core import names
-from ..core.errors import (
-    ChainDamaged,
-    Error,
-    LayerCorrupt,
-    Locked,
-    NotFound,
-    QemuUnavailable,
-    StorageError,
-    combined_exit_code,
-)
+from ..core.errors import Error, Locked, NotFound, QemuUnavailable, combined_exit_code
 from ..core.extents import Chunk, Kind, sample_ranges
 from ..store import manifest as mf
-from ..store.activity import LATEST
-from ..store.chain import orphan_files
-from ..store.checksums import BLOCK_SIZE, chain_digests, file_sha256, read_records
-from ..store.fsutil import chain_lock
-from ..store.qcow2 import check_header, read_header
+from ..store.checksums import chain_digests, read_records
+from ..store.layout import BLOCK_SIZE
 from ..store.refs import parse_ref, select
 from ..store.target import chain_dir, iter_chains, open_target
 from ..transfer.deepcheck import Checker, MappedChain, NullSink, check_point
 from ..transfer.progress import Progress
-from ..transfer.threads import Later, in_parallel
-from .prune import recover
+from ..transfer.threads import Later
+from .access import CHECK, chain_session
+from .structure import (
+    FileProblems,
+    Problem,
+    directory_problems,
+    file_problems,
+    layer_checks,
+    message,
+    structure_problems,
+)
 
 if TYPE_CHECKING:
     from ..adapters.ceph import CephOptions, Cluster
@@ -67,29 +64,6 @@ logger = logging.getLogger(__name__)
 SOURCE_REGION = 1 << 20
 # The kinds of check; a flag's reason names the one that set it, and only that kind clears it.
 STRUCTURE, DEEP, SOURCE = "structure", "deep", "source"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing found wrong: where (image, point, file, byte range) and what."""
-
-    image: str
-    what: str
-    point: str | None = None
-    file: str | None = None
-    region: tuple[int, int] | None = None
-
-    def __str__(self) -> str:
-        return self.image + (f"@{self.point}" if self.point else "") + f": {self.detail}"
-
-    @property
-    def detail(self) -> str:
-        """What, in which file and where, without the image."""
-        where = f" at bytes {self.region[0]}-{self.region[1]}" if self.region else ""
-        return self.what + (f" in {self.file}" if self.file else "") + where
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -164,7 +138,7 @@ def verify(args: Sequence[str], opts: VerifyOptions) -> Report:
     report = Report()
     cluster = _cluster(opts) if opts.source else None
     try:
-        with _DaemonOnDemand() as daemon:
+        with DaemonOnDemand() as daemon:
             for directory, item in chains:
                 if isinstance(item, Error):
                     report.problems.append(Problem(str(directory), f"manifest: {item}", file=mf.NAME))
@@ -202,10 +176,10 @@ def _all_found(
             raise NotFound(f"no backups of {arg.split('@')[0]} in {target}")
 
 
-class _DaemonOnDemand(qemu.StorageDaemon):
+class DaemonOnDemand(qemu.StorageDaemon):
     """A storage daemon started on first use: deep checks need one only for blocks qemu maps without an offset."""
 
-    def __enter__(self) -> _DaemonOnDemand:
+    def __enter__(self) -> DaemonOnDemand:
         return self
 
     def cmd(self, command: str, **args: Any) -> Any:
@@ -252,11 +226,11 @@ class ChainVerifier:
 
     def run(self, point_ids: list[str] | None = None) -> None:
         """Check the points (default: all) under the chain lock; flag the damaged ones, clear the sound ones."""
-        with self._locked():
-            m = mf.load(self.dir)  # as it is now that no backup or prune can change it
+        # The manifest as it is now that no backup or prune can change it, a pending merge finished.
+        with chain_session(self.dir, self.image, CHECK, wait=self.opts.wait, daemon=self.daemon) as m:
             if m is None:
                 return
-            self.m = recover(self.dir, m, self.daemon)  # a merge left pending reads wrong until finished
+            self.m = m
             known = {p.id for p in self.m.points}
             for pid in [p for p in point_ids or () if p not in known]:
                 logger.info("%s@%s: merged away by the interrupted prune just finished", self.image, pid)
@@ -266,22 +240,6 @@ class ChainVerifier:
                 for ahead in self._ahead.values():
                     ahead.close()
                 self._ahead.clear()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The chain lock; on a full target whose lock file cannot be made, none.
-
-        A lock file that cannot be created cannot be held by anyone else either,
-        and verify writes nothing but flags, which a full target refuses anyway.
-        """
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(chain_lock(self.dir, wait=self.opts.wait, what=self.image))
-            except StorageError as exc:
-                if (self.dir / "lock").exists():
-                    raise
-                logger.warning("%s: verified without the chain lock: %s", self.image, exc)
-            yield
 
     def _run(self, point_ids: list[str]) -> None:
         """Structure, then each point's content and source; then the flags.
@@ -333,86 +291,25 @@ class ChainVerifier:
         return self.deep(pid)
 
     # -- structure --
-    def _files(self) -> dict[str, tuple[str | None, str | None]]:
+    def _files(self) -> FileProblems:
         """Reports what is wrong with the directory; returns each point's header and checksum file problem."""
-        self._modes()
-        for name in orphan_files(self.dir, self.m):
-            self.problem("file not named by the manifest", file=name)
-        return {p.id: (self._header_problem(p), self._sums_problem(p)) for p in self.m.points}
+        for found in directory_problems(self.dir, self.m):
+            self._emit([found])
+        return file_problems(self.dir, self.m)
 
     def _checks(self, unsafe: set[str], layers: set[str] | None) -> Later[dict[str, Error | None]]:
         """``qemu-img check`` of the layers (of ``layers``) whose files are safe, in parallel, once started."""
         checked = [p for p in self.m.points if p.id not in unsafe and (layers is None or p.id in layers)]
+        return layer_checks(self.dir, checked, self.opts.parallel)
 
-        def check(p: mf.Point) -> Error | None:
-            try:
-                qemu.check_layer(self.dir / p.file)
-            except LayerCorrupt as exc:  # any other error is qemu's, not the layer's: it ends the check
-                return exc
-            return None
-
-        def check_all() -> dict[str, Error | None]:
-            errors = in_parallel(check, checked, self.opts.parallel, "check")
-            return {p.id: error for p, error in zip(checked, errors, strict=True)}
-
-        return Later(check_all, "checks")
-
-    def _structure(
-        self, files: dict[str, tuple[str | None, str | None]], checks: dict[str, Error | None]
-    ) -> dict[str, str]:
+    def _structure(self, files: FileProblems, checks: dict[str, Error | None]) -> dict[str, str]:
         """Reports the points' file problems, in order; returns the points with one, and what it is."""
         broken: dict[str, str] = {}
-        for p in self.m.points:
-            header, sums = files[p.id]
-            if (what := header or _message(checks.get(p.id))) is not None:
-                found = Problem(self.image, what, point=p.id, file=p.file)
-            elif sums is not None:
-                assert p.checksums is not None
-                found = Problem(self.image, sums, point=p.id, file=p.checksums.file)
-            else:
-                continue
+        for found in structure_problems(self.m, files, checks):
             self._emit([found])
-            broken[p.id] = found.detail
+            assert found.point is not None
+            broken[found.point] = found.detail
         return broken
-
-    def _modes(self) -> None:
-        owner = self.dir.lstat().st_uid  # whoever else owns a file of the chain can rewrite it
-        for path in [self.dir, *self.dir.iterdir()]:
-            try:
-                st = path.lstat()
-                target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-            except FileNotFoundError:  # removed since the listing (a temporary file): nothing to check
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                if path.name != LATEST or target != (self.m.latest.file if self.m.latest else None):
-                    self.problem("unexpected symbolic link", file=path.name)
-                continue
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                self.problem(f"readable or writable by others (mode {stat.S_IMODE(st.st_mode):o})", file=path.name)
-            if st.st_uid != owner and path.name != "lock":  # the lock holds nothing a point depends on
-                self.problem(f"owned by uid {st.st_uid}, not the chain directory's (uid {owner})", file=path.name)
-
-    def _header_problem(self, p: mf.Point) -> str | None:
-        parent = self.m.point(p.parent).file if p.parent else None
-        path = self.dir / p.file
-        try:
-            check_header(read_header(path), where=str(path), expected_backing=parent, size=p.size)
-        except Error as exc:
-            return str(exc)
-        return None
-
-    def _sums_problem(self, p: mf.Point) -> str | None:
-        if p.checksums is None:
-            return None
-        try:
-            actual = file_sha256(self.dir / p.checksums.file)
-        except OSError as exc:
-            return f"checksum file unreadable: {exc.strerror}"
-        except ChainDamaged as exc:  # a link, a FIFO or a device where the file should be
-            return f"checksum file unreadable: {exc.args[-1]}"
-        if actual != p.checksums.sha256:
-            return "checksum file does not match the manifest"
-        return None
 
     # -- content --
     def expected(self, pid: str) -> dict[int, bytes]:
@@ -455,7 +352,7 @@ class ChainVerifier:
         ahead = self._ahead.pop(pid, None) or self._prepare(pid)
         try:
             if isinstance(ahead.expected, BaseException):
-                return [Problem(self.image, f"cannot read the checksums: {_message(ahead.expected)}", point=pid)]
+                return [Problem(self.image, f"cannot read the checksums: {message(ahead.expected)}", point=pid)]
             checker = Checker(ahead.expected, point.size)
             with Progress(f"verify {self.image}@{pid}", point.size, enabled=self.opts.progress) as bar:
                 if isinstance(ahead.chain, BaseException):
@@ -472,7 +369,7 @@ class ChainVerifier:
         except (QemuUnavailable, Locked):  # qemu cannot run, or another run holds the files: no damage
             raise
         except (OSError, Error) as exc:  # qemu cannot map or read the chain: damage, too
-            return [Problem(self.image, f"cannot read the chain: {_message(exc)}", point=pid, file=point.file)]
+            return [Problem(self.image, f"cannot read the chain: {message(exc)}", point=pid, file=point.file)]
         finally:
             ahead.close()
             on_mapped()
@@ -571,12 +468,6 @@ class _Ahead:
             self.chain.close()
 
 
-def _message(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
-    return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-
-
 def _summary(found: list[str]) -> str:
     return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
 
@@ -602,4 +493,4 @@ def _block_runs(blocks: list[int]) -> Iterator[tuple[int, int]]:
         yield run[0], run[-1] + 1
 
 
-__all__ = ["ChainVerifier", "Problem", "Report", "VerifyOptions", "verify"]
+__all__ = ["ChainVerifier", "DaemonOnDemand", "Problem", "Report", "VerifyOptions", "verify"]

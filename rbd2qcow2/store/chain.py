@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 
 from ..core.errors import Error
-from ..core.names import sums_file
 from . import manifest as mf
+from .layout import MANIFEST_TMP, merging, sums_file
 from .qcow2 import check_header, read_header
 
 logger = logging.getLogger(__name__)
 
-TMP = f".{mf.NAME}.tmp"  # left by a save that was interrupted (see fsutil.atomic_write)
+TMP = MANIFEST_TMP
 
 
 def checked_chain(directory: Path, manifest: mf.Manifest, point_id: str) -> list[Path]:
@@ -63,7 +63,7 @@ def _named(manifest: mf.Manifest) -> set[str]:
     named = {p.file for p in manifest.points} | {sums_file(p.id) for p in manifest.points}
     if manifest.pending is not None:  # the files of a merge still to be finished
         child = manifest.point(manifest.pending.child)
-        named |= {f"{child.file}.merge", f"{sums_file(child.id)}.merge"}
+        named |= {merging(child.file), merging(sums_file(child.id))}
     return named
 
 

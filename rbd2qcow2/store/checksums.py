@@ -5,10 +5,10 @@ cluster size, so every planned request covers whole blocks and no block needs
 a second read).  Each layer records the blocks it wrote, as
 ``(block index, XXH3-128 digest)`` sorted by index, in a small binary file
 beside the layer.  A block a layer does not record is inherited from its
-parent; a block no layer records is zeros.  XXH3-128 runs at ~15 GB/s here,
-two orders of magnitude faster than the rest of the data path, and 128 bits
-keeps accidental collisions out of reach; this is integrity against rot and
-bugs, not a defence against an adversary who can write the chain.
+parent; a block no layer records is zeros.  XXH3-128 is chosen because it is
+far faster than the rest of the data path, so hashing never limits a backup,
+and 128 bits keep accidental collisions out of reach; this is integrity
+against rot and bugs, not a defence against an adversary who can write the chain.
 
 File format: magic ``R2QSUMS1``, u32 block size, u32 zero, u64 count, then
 ``count`` records of u64 little-endian index and 16 digest bytes.
@@ -29,8 +29,8 @@ import xxhash
 
 from ..core.errors import ChainDamaged
 from .fsutil import open_regular
+from .layout import BLOCK_SIZE as BLOCK_SIZE  # re-exported: the block of every checksum file
 
-BLOCK_SIZE = 65536
 ALGORITHM = "xxh3-128"
 MAGIC = b"R2QSUMS1"
 _HEADER = struct.Struct("<8sIIQ")
@@ -118,6 +118,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MISMATCH = "checksum file does not match the manifest"
+
+
+class SumsMismatch(ChainDamaged):
+    """A checksum file that reads, but not as the manifest recorded it."""
+
+
+def check_sums_file(path: Path, sha256: str) -> None:
+    """Check a checksum file against the SHA-256 the manifest recorded.
+
+    Raises :class:`SumsMismatch` (at ``path``) when it differs; a file that
+    cannot be read raises the ``OSError`` or :class:`ChainDamaged` (a link,
+    a FIFO) of :func:`file_sha256`, for the caller to report as it must.
+    """
+    if file_sha256(path) != sha256:
+        raise SumsMismatch(str(path), MISMATCH)
+
+
 def unpack_records(records: bytes) -> list[tuple[int, bytes]]:
     return [(int(i), bytes(d)) for i, d in _RECORD.iter_unpack(records)]
 
@@ -154,7 +172,7 @@ def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
             raise ChainDamaged(str(path), "not a checksum file")
         left = count
         while left:
-            # Records in pieces of at most 4096 (96 KiB): few calls, flat memory.
+            # Records in bounded pieces: few calls, and memory that does not grow with the file.
             want = min(left, 4096)
             raw = fh.read(want * _RECORD.size)
             if len(raw) != want * _RECORD.size:

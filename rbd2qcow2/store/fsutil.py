@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import FULL_ERRNOS, STORAGE_ERRNOS, ChainDamaged, Locked, TargetError, storage_error
+from .layout import LOCK, TMP_SUFFIX, hidden_tmp
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     I/O error is a :class:`~rbd2qcow2.core.errors.StorageError` and leaves no
     temporary file behind.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(hidden_tmp(path.name))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
         try:
@@ -101,7 +102,7 @@ def create_once(path: Path, data: bytes) -> bool:
     processes racing to create the file exactly one wins and every reader sees
     a complete file.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     try:
         try:
@@ -146,7 +147,7 @@ def chain_lock(directory: Path, *, wait: bool, what: str, timeout: float | None 
     The kernel releases a flock when its holder dies, so a lock left by a
     killed process is free again at once.
     """
-    path = directory / "lock"
+    path = directory / LOCK
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
     except OSError as exc:

@@ -17,21 +17,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ChainDamaged
-from ..core.names import ImageSpec, is_point_id, sums_file
+from ..core.kinds import MergeMethod, PointFlag, PointKind
+from ..core.names import ImageSpec
 from .fsutil import atomic_write, open_regular
+from .layout import MANIFEST, OWN_FILE, is_point_id, layer_file, sums_file
 
 FORMAT = "rbd2qcow2-manifest"
 VERSION = 1
-NAME = "manifest.json"
-# The names of the files a chain holds and a run may leave: layers, checksums, and their
-# files under construction (``.partial`` of a backup, ``.merge`` of a merge).
-OWN_FILE = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.(qcow2|sums)(\.partial|\.merge)?")
+NAME = MANIFEST
 REPAIR_HINT = "rebuild it from the layer files with 'rbd2qcow2 repair'"
 
 
@@ -51,7 +49,7 @@ class Checksums:
     sha256: str  # of the checksum file itself
 
 
-DAMAGED = "damaged"  # a check found the point's content or structure wrong: no backup builds on it
+DAMAGED = PointFlag.DAMAGED
 UNKNOWN_REASON = "unknown (recorded by an older version)"
 
 
@@ -78,7 +76,7 @@ class Point:
     size: int  # virtual size in bytes = the snapshot's size
     image_id: str
     snapshot: Snapshot
-    kind: str  # "full" | "incremental"
+    kind: PointKind
     stored_bytes: int  # size of the layer file on disk
     data_bytes: int  # bytes written as data into this layer
     zero_bytes: int  # bytes written as zeros into this layer
@@ -130,7 +128,7 @@ class PendingMerge:
     stored_bytes: int
     data_bytes: int
     zero_bytes: int
-    method: str = "copy"  # "commit": the oldest dropped layer's file becomes the child's
+    method: MergeMethod = MergeMethod.COPY
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ class Manifest:
                 p = dataclasses.replace(
                     p,
                     parent=first.parent,
-                    kind="full" if first.parent is None else "incremental",
+                    kind=PointKind.of(first.parent),
                     checksums=pm.checksums,
                     stored_bytes=pm.stored_bytes,
                     data_bytes=pm.data_bytes,
@@ -200,7 +198,8 @@ class Manifest:
         return dataclasses.replace(self, points=tuple(points), pending=None)
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def canonical(body: dict[str, Any]) -> bytes:
+    """The bytes the manifest's own SHA-256 is taken of: ``body`` as compact JSON with sorted keys."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -225,7 +224,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
 
 def dumps(m: Manifest) -> bytes:
     body = to_dict(m)
-    body["sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
+    body["sha256"] = hashlib.sha256(canonical(body)).hexdigest()
     return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
@@ -239,7 +238,7 @@ def _point(raw: dict[str, Any]) -> Point:
         size=int(raw["size"]),
         image_id=str(raw["image_id"]),
         snapshot=Snapshot(str(raw["snapshot"]["name"]), int(raw["snapshot"]["id"])),
-        kind=str(raw["kind"]),
+        kind=PointKind(str(raw["kind"])),
         stored_bytes=int(raw["stored_bytes"]),
         data_bytes=int(raw["data_bytes"]),
         zero_bytes=int(raw["zero_bytes"]),
@@ -251,9 +250,12 @@ def _point(raw: dict[str, Any]) -> Point:
     )
 
 
-def _pending(raw: dict[str, Any] | None) -> PendingMerge | None:
+def _pending(raw: dict[str, Any] | None, where: str) -> PendingMerge | None:
     if raw is None:
         return None
+    method = str(raw.get("method", MergeMethod.COPY))
+    if method not in {m.value for m in MergeMethod}:
+        raise ChainDamaged(where, f"pending merge has unknown method {method!r}")
     return PendingMerge(
         child=str(raw["child"]),
         drop=tuple(str(d) for d in raw["drop"]),
@@ -261,7 +263,7 @@ def _pending(raw: dict[str, Any] | None) -> PendingMerge | None:
         stored_bytes=int(raw["stored_bytes"]),
         data_bytes=int(raw["data_bytes"]),
         zero_bytes=int(raw["zero_bytes"]),
-        method=str(raw.get("method", "copy")),
+        method=MergeMethod(method),
     )
 
 
@@ -275,7 +277,7 @@ def loads(data: bytes, where: str) -> Manifest:
     try:
         body = json.loads(data)
         digest = body.pop("sha256")
-        if hashlib.sha256(_canonical(body)).hexdigest() != digest:
+        if hashlib.sha256(canonical(body)).hexdigest() != digest:
             raise ChainDamaged(where, "manifest checksum mismatch")
         if body["format"] != FORMAT or body["version"] != VERSION:
             raise ChainDamaged(where, f"unknown manifest format {body['format']!r} v{body['version']}")
@@ -284,7 +286,7 @@ def loads(data: bytes, where: str) -> Manifest:
             image_id=str(body["image_id"]),
             target_tag=str(body["target_tag"]),
             points=tuple(_point(p) for p in body["points"]),
-            pending=_pending(body.get("pending")),
+            pending=_pending(body.get("pending"), where),
             writing=_names(body.get("writing", [])),
         )
     except ChainDamaged:
@@ -300,7 +302,7 @@ def loads(data: bytes, where: str) -> Manifest:
 def _check_consistency(m: Manifest, where: str) -> None:
     seen: set[str] = set()
     for p in m.points:
-        if not is_point_id(p.id) or p.file != f"{p.id}.qcow2":
+        if not is_point_id(p.id) or p.file != layer_file(p.id):
             raise ChainDamaged(where, f"bad point id or file name {p.id!r}/{p.file!r}")
         if p.parent is not None and p.parent not in seen:
             raise ChainDamaged(where, f"point {p.id} has unknown parent {p.parent}")
@@ -319,8 +321,6 @@ def _check_consistency(m: Manifest, where: str) -> None:
             raise ChainDamaged(where, f"pending merge names checksum file {pm.checksums.file!r}")
         if not pm.drop or any(i not in seen for i in ids):
             raise ChainDamaged(where, f"pending merge names unknown points {ids}")
-        if pm.method not in ("copy", "commit"):
-            raise ChainDamaged(where, f"pending merge has unknown method {pm.method!r}")
         parents = [m.point(i).parent for i in ids[1:]]
         if parents != ids[:-1]:
             raise ChainDamaged(where, f"pending merge of {ids} is not a run of consecutive layers")

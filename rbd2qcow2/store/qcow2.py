@@ -3,9 +3,8 @@
 :func:`create_layer` writes a new empty layer itself, byte for byte what
 ``qemu-img create -f qcow2 -o compat=1.1,cluster_size=64k [-u -b NAME -F
 qcow2]`` writes (a test compares the two): a header cluster, a refcount
-table and one refcount block, and an L1 table of zeros.  That is a file
-of 192 KiB and one ``pwrite`` each, where starting qemu-img costs ~6 ms of
-CPU and a fork per layer.
+table and one refcount block, and an L1 table of zeros: a few small
+writes, where qemu-img would cost a process start per layer.
 
 A qcow2 header can name any host file as its backing file or external data
 file, so a planted or damaged chain file could make qemu read (or, for a
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ChainDamaged, StorageError, TargetError, storage_error
+from .layout import BLOCK_SIZE
 
 MAGIC = b"QFI\xfb"
 HEADER_READ = 65536
@@ -156,8 +156,8 @@ _L2_ZERO = 1
 
 # -- new layers -----------------------------------------------------------------------
 
-CLUSTER_BITS = 16
-CLUSTER = 1 << CLUSTER_BITS
+CLUSTER = BLOCK_SIZE  # every layer's cluster is one checksum block
+CLUSTER_BITS = CLUSTER.bit_length() - 1
 MAX_BACKING_NAME = 1023  # bytes; qemu refuses longer names
 MAX_L1_BYTES = 32 << 20  # qemu's QCOW_MAX_L1_SIZE: a virtual size of at most 2 PiB
 REFCOUNT_ORDER = 4  # 16-bit refcounts

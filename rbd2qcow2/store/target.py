@@ -12,6 +12,7 @@ from ..core.errors import FULL_ERRNOS, ChainDamaged, TargetError, storage_error
 from ..core.names import ImageSpec, chain_relpath, is_target_tag
 from . import manifest as mf
 from .fsutil import DIR_MODE, create_once, keep_reserve
+from .layout import LAYER_SUFFIX, OWN_FILE
 
 TAG_FILE = ".rbd2qcow2-target"
 
@@ -72,7 +73,7 @@ def iter_chains(root: Path) -> Iterator[tuple[Path, mf.Manifest | ChainDamaged]]
     as damaged (see :func:`rbd2qcow2.store.manifest.load`).
     """
     dirs = {path.parent for path in root.rglob(mf.NAME) if path.is_file() and not path.is_symlink()}
-    dirs |= {path.parent for path in root.rglob("*.qcow2") if mf.OWN_FILE.fullmatch(path.name)}
+    dirs |= {path.parent for path in root.rglob(f"*{LAYER_SUFFIX}") if OWN_FILE.fullmatch(path.name)}
     for directory in sorted(dirs):
         try:
             m = mf.load(directory)
