@@ -7,6 +7,7 @@ ones inside functions (which must obey the same rule).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,33 @@ def test_the_rules_see_imports() -> None:
     mods = modules()
     seen = {t for n, p in mods.items() for t, _, _ in imports(n, p, set(mods))}
     assert len(seen) > len(LAYERS)
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+DESIGN = PACKAGE.parent / "docs" / "design.md"
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """A module a reader can hold in mind, a function that fits on a screen."""
+    long = []
+    for path in modules().values():
+        text = path.read_text()
+        where = path.relative_to(PACKAGE)
+        if text.count("\n") > MAX_MODULE_LINES:
+            long.append(f"{where}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_FUNCTION_LINES:
+                    long.append(f"{where}:{node.lineno} {node.name}: {size} lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_design_map_names_every_module() -> None:
+    rows = set(re.findall(r"^\| `([\w/]+\.py)` \|", DESIGN.read_text(), re.MULTILINE))
+    # A layer's own __init__.py has the layer's bold row instead.
+    layer_inits = {f"{name}/__init__.py" for name in LAYERS}
+    files = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")} - layer_inits
+    assert files - rows == set(), "modules missing from docs/design.md's map"
+    assert rows - files == set(), "docs/design.md's map names modules that do not exist"

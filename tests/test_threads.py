@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rbd2qcow2.transfer.threads import Background, Crew, Later, every, in_parallel
+from rbd2qcow2.core.threads import Background, Crew, Later, every, in_parallel
 
 
 def test_crew_carries_the_first_failure_and_stops_the_others() -> None:

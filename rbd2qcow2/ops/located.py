@@ -15,12 +15,12 @@ from pathlib import Path
 from ..adapters import qemu
 from ..core.errors import ChainDamaged, Error, LayerCorrupt
 from ..core.kinds import PointFlag
+from ..core.threads import in_parallel
 from ..store import manifest as mf
 from ..store.chain import checked_chain
 from ..store.checksums import MISMATCH, SumsMismatch, chain_digests, check_sums_file
 from ..store.refs import parse_ref, select
 from ..transfer.copier import BlockCheck
-from ..transfer.threads import in_parallel
 from .access import READ, with_chain
 
 logger = logging.getLogger(__name__)

@@ -47,6 +47,7 @@ from ..core.errors import ChainDamaged
 from ..core.extents import Chunk, Extent, boundary_extent, plan
 from ..core.faults import crashpoint
 from ..core.kinds import MergeMethod
+from ..core.threads import Background
 from ..store import manifest as mf
 from ..store.chain import checked_chain
 from ..store.checksums import (
@@ -62,7 +63,6 @@ from ..store.fsutil import fsync_file
 from ..store.layout import BLOCK_SIZE, merging, sums_file
 from ..store.qcow2 import create_layer, read_header
 from ..transfer.progress import Progress
-from ..transfer.threads import Background
 from .readback import read_back, settle
 
 if TYPE_CHECKING:

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import qemu
 from ..core.errors import DataError
+from ..core.threads import Background
 from ..store.checksums import block_records, digest, unpack_records, zero_digest
 from ..store.fsutil import open_regular
 from ..store.layout import BLOCK_SIZE
 from ..store.qcow2 import host_clusters
-from ..transfer.threads import Background
 
 if TYPE_CHECKING:
     from ..adapters.nbdio import Connection

@@ -28,12 +28,12 @@ from ..adapters.nbdio import Connection, ConnectionPool
 from ..core.errors import ChainDamaged, Error, QemuError, StorageError, TargetError, UsageError
 from ..core.faults import crashpoint
 from ..core.names import ImageSpec, parse_spec
+from ..core.threads import every
 from ..store import qcow2
 from ..store.fsutil import DIR_MODE, FILE_MODE, fsync_dir
 from ..store.layout import PARTIAL_SUFFIX
 from ..transfer.copier import BlockCheck, Copier, Sink, allocated_chunks
 from ..transfer.progress import Progress
-from ..transfer.threads import every
 from .located import Located, block_check, check_structure, locate
 
 if TYPE_CHECKING:  # ceph (rados, rbd) is imported only by the RBD paths

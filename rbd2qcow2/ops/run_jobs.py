@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from ..core.errors import Cancelled
-from ..transfer.threads import POLL, Crew
+from ..core.threads import POLL, Crew
 
 logger = logging.getLogger(__name__)
 

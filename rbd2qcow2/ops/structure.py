@@ -16,13 +16,13 @@ from typing import Any
 
 from ..adapters import qemu
 from ..core.errors import ChainDamaged, Error, LayerCorrupt
+from ..core.threads import Later, in_parallel
 from ..store import manifest as mf
 from ..store.activity import LATEST
 from ..store.chain import orphan_files
 from ..store.checksums import MISMATCH, SumsMismatch, check_sums_file
 from ..store.layout import LOCK
 from ..store.qcow2 import check_header, read_header
-from ..transfer.threads import Later, in_parallel
 
 # Per point: what is wrong with its layer's header, and with its checksum file (None: nothing).
 FileProblems = dict[str, tuple[str | None, str | None]]

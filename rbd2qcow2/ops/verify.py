@@ -38,6 +38,7 @@ from ..adapters import qemu
 from ..core import names
 from ..core.errors import Error, Locked, NotFound, QemuUnavailable, combined_exit_code
 from ..core.extents import Chunk, Kind, sample_ranges
+from ..core.threads import Later
 from ..store import manifest as mf
 from ..store.checksums import chain_digests, read_records
 from ..store.layout import BLOCK_SIZE
@@ -45,7 +46,6 @@ from ..store.refs import parse_ref, select
 from ..store.target import chain_dir, iter_chains, open_target
 from ..transfer.deepcheck import Checker, MappedChain, NullSink, check_point
 from ..transfer.progress import Progress
-from ..transfer.threads import Later
 from .access import CHECK, chain_session
 from .structure import (
     FileProblems,

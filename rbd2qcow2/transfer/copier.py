@@ -19,14 +19,13 @@ from ..adapters.nbdio import Connection
 from ..core.errors import ChainDamaged, QemuError
 from ..core.extents import Chunk, Extent, Kind, align_down, plan, windows
 from ..core.faults import crashpoint
+from ..core.threads import Crew, every
 from ..store.checksums import BLOCK_SIZE
 from .deepcheck import Checker
-from .threads import Crew, every
 
 logger = logging.getLogger(__name__)
 
 MAP_WINDOW = 1 << 30
-ZERO_BLOCK = 64 << 10  # zero detection granularity: the qcow2 cluster
 POLL = 0.1
 JOIN_TIMEOUT = 120.0
 STALL_TIMEOUT = 300.0  # seconds without a chunk copied: qemu (or the destination) is stuck
@@ -184,7 +183,7 @@ class Copier:
         data = conn.read_buffer(chunk.offset, chunk.length)
         if self._check is not None:
             self._check.data(chunk.offset, data)
-        for start, end, zero in block_runs(data, ZERO_BLOCK):
+        for start, end, zero in block_runs(data, BLOCK_SIZE):
             if not zero:
                 self._writes.pwrite(
                     data if end - start == len(data) else memoryview(data)[start:end], chunk.offset + start

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
 from ..core.extents import Chunk, Kind
+from ..core.threads import Crew
 from ..store.checksums import BLOCK_SIZE, block_records, zero_records
-from .threads import Crew
 
 logger = logging.getLogger(__name__)
 POLL = 0.1

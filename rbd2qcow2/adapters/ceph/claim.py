@@ -18,6 +18,7 @@ import rados
 
 from ...core.errors import CephError, Claimed, ClaimLost
 from ...core.names import ImageSpec
+from ...core.threads import Crew
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,12 @@ def hold(ioctx: Any, spec: ImageSpec, ttl: int) -> Iterator[Claim]:
     except rados.Error as exc:
         raise CephError(f"claim on {spec}: {exc}") from exc
     claim = Claim(str(spec), Lease(ttl, taken))
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(ioctx, obj, cookie, claim, stop), name="claim", daemon=True)
-    renewer.start()
+    renewer = Crew()
+    renewer.start(lambda: _renew(ioctx, obj, cookie, claim, renewer.stopping), "claim")
     try:
         yield claim
     finally:
-        stop.set()
-        renewer.join()
+        renewer.stop()
         with contextlib.suppress(rados.Error):
             ioctx.unlock(obj, CLAIM_LOCK, cookie)
 
