@@ -16,6 +16,7 @@ from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec, chain_relpath, snapshot_name
 from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.fsutil import make_dirs
+from rbd2qcow2.store.layout import BLOCK_SIZE
 
 TAG = "0123abcd"  # a target's tag
 IMAGE = ImageSpec("rbd", "", "vm")
@@ -23,8 +24,22 @@ IMAGE_ID = "imgid"
 STALL_WAIT = 60.0  # seconds a process gets to reach its stall point
 
 
-def point(point_id: str, parent: str | None = None, *, tag: str = TAG, snap_id: int = 7, **fields: Any) -> mf.Point:
-    """A point taken from snapshot ``snap_id``: full without ``parent``, else incremental; ``fields`` override."""
+def sums(point_id: str) -> mf.Checksums:
+    """The record of ``point_id``'s checksum file (its digest a placeholder: nothing here reads the file)."""
+    return mf.Checksums(f"{point_id}.sums", "xxh3-128", BLOCK_SIZE, "ab" * 32)
+
+
+def point(
+    point_id: str,
+    parent: str | None = None,
+    *,
+    tag: str = TAG,
+    snap_id: int = 7,
+    with_sums: bool = False,
+    **fields: Any,
+) -> mf.Point:
+    """A point taken from snapshot ``snap_id``: full without ``parent``, else incremental; with a checksum
+    file record if ``with_sums``; ``fields`` override."""
     made = mf.Point(
         id=point_id,
         file=f"{point_id}.qcow2",
@@ -37,6 +52,7 @@ def point(point_id: str, parent: str | None = None, *, tag: str = TAG, snap_id: 
         stored_bytes=1000,
         data_bytes=2000,
         zero_bytes=3000,
+        checksums=sums(point_id) if with_sums else None,
     )
     return dataclasses.replace(made, **fields)
 
@@ -52,8 +68,9 @@ def manifest(
     image_id: str = IMAGE_ID,
     tag: str = TAG,
     pending: mf.PendingMerge | None = None,
+    writing: tuple[str, ...] = (),
 ) -> mf.Manifest:
-    return mf.Manifest(image, image_id, tag, tuple(points), pending)
+    return mf.Manifest(image, image_id, tag, tuple(points), pending, writing)
 
 
 def save_chain(root: Path, m: mf.Manifest) -> Path:

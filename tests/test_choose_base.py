@@ -7,44 +7,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from factories import IMAGE_ID, manifest, point
 
 from rbd2qcow2.adapters.ceph import SnapInfo
-from rbd2qcow2.core.kinds import PointKind
-from rbd2qcow2.core.names import ImageSpec, snapshot_name
 from rbd2qcow2.ops.backup import Base, choose_base
 from rbd2qcow2.store import manifest as mf
 
-TAG = "0123abcd"
-IMAGE_ID = "1f2e3d4c"
+GiB = 1 << 30
 P1, P2 = "20240301T000000Z", "20240302T000000Z"
-
-
-def point(pid: str, parent: str | None = None, *, snap_id: int = 10, **changes: object) -> mf.Point:
-    p = mf.Point(
-        id=pid,
-        file=f"{pid}.qcow2",
-        parent=parent,
-        created="2024-03-01T00:00:00+00:00",
-        size=1 << 30,
-        image_id=IMAGE_ID,
-        snapshot=mf.Snapshot(snapshot_name(TAG, pid), snap_id),
-        kind=PointKind.of(parent),
-        stored_bytes=0,
-        data_bytes=0,
-        zero_bytes=0,
-    )
-    return dataclasses.replace(p, **changes)  # type: ignore[arg-type]
-
-
-def manifest(*points: mf.Point) -> mf.Manifest:
-    return mf.Manifest(ImageSpec("rbd", "", "vm"), IMAGE_ID, TAG, points)
 
 
 def snaps_of(*points: mf.Point) -> list[SnapInfo]:
     return [SnapInfo(p.snapshot.id, p.snapshot.name, p.size) for p in points]
 
 
-CHAIN = (point(P1, snap_id=10), point(P2, P1, snap_id=11))
+CHAIN = (point(P1, size=GiB, snap_id=10), point(P2, P1, size=GiB, snap_id=11))
 LATEST = CHAIN[-1]
 USER_SNAPS = [SnapInfo(3, "daily", 1 << 30), SnapInfo(4, "rbd2qcow2.other", 1 << 30)]
 

@@ -12,32 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from factories import manifest, point, save_chain
 from helpers import REPO, run_cli
 
 from rbd2qcow2.cli import main as cli
-from rbd2qcow2.core.kinds import PointKind
-from rbd2qcow2.core.names import ImageSpec, chain_relpath
-from rbd2qcow2.store import manifest as mf
-from rbd2qcow2.store.fsutil import make_dirs
+from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.store.target import open_target
 
 IMAGE = ImageSpec("rbd", "", "vm1")
-
-
-def point(point_id: str, parent: str | None) -> mf.Point:
-    return mf.Point(
-        id=point_id,
-        file=f"{point_id}.qcow2",
-        parent=parent,
-        created="2026-01-01T00:00:00+00:00",
-        size=1 << 20,
-        image_id="imgid",
-        snapshot=mf.Snapshot(f"rbd2qcow2.00000000.{point_id}", 7),
-        kind=PointKind.of(parent),
-        stored_bytes=1000,
-        data_bytes=2000,
-        zero_bytes=3000,
-    )
 
 
 @pytest.fixture
@@ -47,8 +29,8 @@ def target(tmp_path: Path) -> Path:
     tag = open_target(root, create=True)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     ids = [(start + timedelta(hours=i)).strftime("%Y%m%dT%H%M%SZ") for i in range(400)]
-    points = tuple(point(p, ids[i - 1] if i % 10 else None) for i, p in enumerate(ids))
-    mf.save(make_dirs(root, chain_relpath(IMAGE)), mf.Manifest(IMAGE, "imgid", tag, points))
+    points = [point(p, ids[i - 1] if i % 10 else None, tag=tag) for i, p in enumerate(ids)]
+    save_chain(root, manifest(*points, image=IMAGE, tag=tag))
     return root
 
 

@@ -13,56 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from factories import TAG, manifest
+from factories import point as make_point
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rbd2qcow2.core.errors import ChainDamaged, DataError
-from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.store import manifest as mf
-
-TAG = "0123abcd"
-
-
-def make_point(
-    pid: str,
-    parent: str | None = None,
-    *,
-    flags: tuple[str, ...] = (),
-    image_id: str = "abc123",
-    with_sums: bool = True,
-) -> mf.Point:
-    return mf.Point(
-        id=pid,
-        file=f"{pid}.qcow2",
-        parent=parent,
-        created="2024-03-05T07:08:09+00:00",
-        size=10 << 30,
-        image_id=image_id,
-        snapshot=mf.Snapshot(f"rbd2qcow2.{TAG}.{pid}", 17),
-        kind=PointKind.of(parent),
-        stored_bytes=123456,
-        data_bytes=1 << 20,
-        zero_bytes=2 << 20,
-        checksums=mf.Checksums(f"{pid}.sums", "xxh3-128", 65536, "ab" * 32) if with_sums else None,
-        flags=flags,
-    )
-
 
 P1, P2, P3, P4 = "20240301T000000Z", "20240302T000000Z", "20240303T000000Z", "20240303T000000Z-2"
 
 
 def sample(image: ImageSpec | None = None) -> mf.Manifest:
-    return mf.Manifest(
+    return manifest(
+        make_point(P1, with_sums=True),
+        make_point(P2, P1, flags=("damaged",)),
+        make_point(P3, with_sums=True),
+        make_point(P4, P3, flags=("a", "b"), with_sums=True),
         image=image or ImageSpec("rbd", "ns", "vm disk é"),
         image_id="abc123",
-        target_tag=TAG,
-        points=(
-            make_point(P1),
-            make_point(P2, P1, flags=("damaged",), with_sums=False),
-            make_point(P3),
-            make_point(P4, P3, flags=("a", "b")),
-        ),
     )
 
 
@@ -111,7 +81,7 @@ image_names = st.text(min_size=1, max_size=30)
 )
 @settings(max_examples=50)
 def test_round_trip_any_names(image: ImageSpec, image_id: str, flags: list[str], size: int) -> None:
-    point = dataclasses.replace(make_point(P1, image_id=image_id), flags=tuple(flags), size=size)
+    point = dataclasses.replace(make_point(P1, image_id=image_id, with_sums=True), flags=tuple(flags), size=size)
     m = mf.Manifest(image, image_id, TAG, (point,))
     assert mf.loads(mf.dumps(m), "here") == m
 
@@ -225,7 +195,7 @@ def test_chain_of() -> None:
 
 def test_chain_of_long_chain() -> None:
     ids = [f"2024030{i}T000000Z" for i in range(1, 10)]
-    points = tuple(make_point(pid, ids[i - 1] if i else None) for i, pid in enumerate(ids))
+    points = tuple(make_point(pid, ids[i - 1] if i else None, with_sums=True) for i, pid in enumerate(ids))
     m = mf.Manifest(ImageSpec("p", "", "i"), "abc123", TAG, points)
     assert [p.id for p in m.chain_of(ids[-1])] == ids
     assert [p.id for p in m.chain_of(ids[3])] == ids[:4]
@@ -248,9 +218,9 @@ def test_point_latest_and_is_full() -> None:
 
 def test_with_point() -> None:
     m = mf.Manifest(ImageSpec("p", "", "i"), "old", TAG)
-    m2 = m.with_point(make_point(P1), "new")
+    m2 = m.with_point(make_point(P1, with_sums=True), "new")
     assert m.points == () and m.image_id == "old"
-    assert m2.points == (make_point(P1),) and m2.image_id == "new"
+    assert m2.points == (make_point(P1, with_sums=True),) and m2.image_id == "new"
 
 
 # -- load / save -----------------------------------------------------------
@@ -290,7 +260,7 @@ def test_save_writes_temp_then_replaces(tmp_path: Path, monkeypatch: pytest.Monk
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
-    new = sample().with_point(make_point("20240304T000000Z", P4), "abc123")
+    new = sample().with_point(make_point("20240304T000000Z", P4, with_sums=True), "abc123")
     mf.save(tmp_path, new)
     assert len(calls) == 1
     src, dst, content = calls[0]
@@ -310,7 +280,7 @@ def test_save_crash_before_replace_keeps_old(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
-        mf.save(tmp_path, sample().with_point(make_point("20240304T000000Z"), "x"))
+        mf.save(tmp_path, sample().with_point(make_point("20240304T000000Z", with_sums=True), "x"))
     assert mf.load(tmp_path) == sample()
 
 
@@ -325,7 +295,7 @@ def test_load_damaged_file(tmp_path: Path) -> None:
 
 def test_a_flag_keeps_its_reasons_through_a_round_trip() -> None:
     deep = mf.Flag(mf.DAMAGED, "deep", "content differs at bytes 0-65536 in x.qcow2", "2026-12-07T01:02:03+00:00")
-    point = make_point(P1).flagged(deep)
+    point = make_point(P1, with_sums=True).flagged(deep)
     m = dataclasses.replace(sample(), points=(point,))
     loaded = mf.loads(mf.dumps(m), "here")
     assert loaded == m
@@ -344,7 +314,7 @@ def test_a_flag_of_an_older_version_loads_with_an_unknown_reason() -> None:
 def test_a_flag_goes_with_its_last_reason() -> None:
     deep = mf.Flag(mf.DAMAGED, "deep", "content differs", "t1")
     structure = mf.Flag(mf.DAMAGED, "structure", "qemu-img check: 2 corruptions", "t2")
-    point = make_point(P1, flags=("no-incremental",)).flagged(deep).flagged(structure)
+    point = make_point(P1, flags=("no-incremental",), with_sums=True).flagged(deep).flagged(structure)
     assert point.flags == ("no-incremental", mf.DAMAGED)
     again = point.flagged(dataclasses.replace(deep, reason="content differs elsewhere", time="t3"))
     assert again.reasons(mf.DAMAGED) == [structure, mf.Flag(mf.DAMAGED, "deep", "content differs elsewhere", "t3")]
@@ -353,7 +323,7 @@ def test_a_flag_goes_with_its_last_reason() -> None:
     assert partly.flags == point.flags and partly.reasons(mf.DAMAGED) == [structure]
     gone = partly.cleared(mf.DAMAGED, {"structure", "deep"})
     assert gone.flags == ("no-incremental",) and gone.flag_reasons == ()
-    old = make_point(P1, flags=(mf.DAMAGED,))
+    old = make_point(P1, flags=(mf.DAMAGED,), with_sums=True)
     assert old.cleared(mf.DAMAGED, {"structure", "deep"}) == old  # who set it is unknown
     assert old.cleared(mf.DAMAGED, {"structure", "deep", ""}).flags == ()
 

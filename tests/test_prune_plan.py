@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from factories import chain
+from factories import manifest as made_manifest
 
 from rbd2qcow2.adapters import qemu
 from rbd2qcow2.core.errors import ChainDamaged, NotFound
 from rbd2qcow2.core.extents import Extent
-from rbd2qcow2.core.kinds import MergeMethod, PointKind
+from rbd2qcow2.core.kinds import MergeMethod
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.core.retention import Decision, Policy
 from rbd2qcow2.ops import prune
@@ -24,7 +26,6 @@ from rbd2qcow2.store import manifest as mf
 from rbd2qcow2.store.refs import PointRef, parse_ref, select
 
 IMAGE = ImageSpec("p", "", "i")
-TAG = "0123abcd"
 MiB = 1 << 20
 
 
@@ -32,33 +33,10 @@ def pid(day: int, hour: int = 0, suffix: str = "") -> str:
     return f"202601{day:02d}T{hour:02d}0000Z{suffix}"
 
 
-def point(point_id: str, parent: str | None) -> mf.Point:
-    return mf.Point(
-        id=point_id,
-        file=f"{point_id}.qcow2",
-        parent=parent,
-        created="2026-01-01T00:00:00+00:00",
-        size=8 * MiB,
-        image_id="imgid",
-        snapshot=mf.Snapshot(f"rbd2qcow2.{TAG}.{point_id}", 7),
-        kind=PointKind.of(parent),
-        stored_bytes=1000,
-        data_bytes=2000,
-        zero_bytes=3000,
-        checksums=mf.Checksums(f"{point_id}.sums", "xxh3-128", 65536, "cd" * 32),
-        flags=(),
-    )
-
-
 def manifest(*chains: list[str], pending: mf.PendingMerge | None = None) -> mf.Manifest:
     """Chains of point ids, each base first, appended in order."""
-    points = []
-    for chain in chains:
-        parent = None
-        for p in chain:
-            points.append(point(p, parent))
-            parent = p
-    return mf.Manifest(IMAGE, "imgid", TAG, tuple(points), pending)
+    points = [p for ids in chains for p in chain(*ids, size=8 * MiB, with_sums=True)]
+    return made_manifest(*points, image=IMAGE, pending=pending)
 
 
 A, B, C, D, E, F, G = (pid(d) for d in range(1, 8))

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from factories import manifest, point
 
 from rbd2qcow2.adapters.qemu import MapExtent
 from rbd2qcow2.core.errors import ChainDamaged, QemuError
-from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.ops import usage
 from rbd2qcow2.store import manifest as mf
@@ -143,24 +143,9 @@ def _chain(root: Path, image: ImageSpec, layers: list[tuple[str, str | None, lis
     parent: str | None = None
     for pid, backing, writes in layers:
         _layer(directory / f"{pid}.qcow2", backing, writes)
-        points.append(
-            mf.Point(
-                id=pid,
-                file=f"{pid}.qcow2",
-                parent=parent,
-                created="2026-01-01T00:00:00+00:00",
-                size=4 * MiB,
-                image_id="1234abcd",
-                snapshot=mf.Snapshot(f"rbd2qcow2.0123abcd.{pid}", 7),
-                kind=PointKind.of(parent),
-                stored_bytes=0,
-                data_bytes=0,
-                zero_bytes=0,
-                checksums=None,
-            )
-        )
+        points.append(point(pid, parent, size=4 * MiB))
         parent = pid
-    mf.save(directory, mf.Manifest(image=image, image_id="1234abcd", target_tag="0123abcd", points=tuple(points)))
+    mf.save(directory, manifest(*points, image=image))
     return directory
 
 
@@ -295,7 +280,7 @@ def test_du_pending_merge_leaves_estimates_out(target: Path) -> None:
     m = mf.load(directory)
     assert m is not None
     pending = mf.PendingMerge(P3, (P2,), mf.Checksums(f"{P3}.sums", "xxh3-128", 65536, "ab" * 32), 0, 0, 0)
-    mf.save(directory, mf.Manifest(m.image, m.image_id, m.target_tag, m.points, pending))
+    mf.save(directory, manifest(*m.points, image=m.image, image_id=m.image_id, tag=m.target_tag, pending=pending))
     proc = _du(target, "--json", "rbd/vm1")
     assert proc.returncode == 0, proc.stderr
     img = json.loads(proc.stdout)["images"][0]

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from factories import manifest as made_manifest
+from factories import point
 
 from rbd2qcow2.adapters import qemu
 from rbd2qcow2.core.errors import Error
-from rbd2qcow2.core.kinds import PointKind
 from rbd2qcow2.core.names import ImageSpec
 from rbd2qcow2.ops.verify import ChainVerifier, DaemonOnDemand, Report, VerifyOptions
 from rbd2qcow2.store import manifest as mf
@@ -244,23 +245,10 @@ def manifest(files: list[Path]) -> mf.Manifest:
         writer = OrderedWriter(path.with_suffix(".sums"))
         writer.add(0, b"".join(block_records(b * B, raw[b * B : (b + 1) * B])[0] for b in sorted(recorded(files, i))))
         sums = mf.Checksums(path.with_suffix(".sums").name, "xxh3-128", B, writer.finish())
-        points.append(
-            mf.Point(
-                id=IDS[i],
-                file=path.name,
-                parent=IDS[i - 1] if i else None,
-                created="2026-01-01T00:00:00Z",
-                size=SIZES[i],
-                image_id="abc",
-                snapshot=mf.Snapshot(f"s{i}", i + 1),
-                kind=PointKind.INCREMENTAL if i else PointKind.FULL,
-                stored_bytes=path.stat().st_size,
-                data_bytes=0,
-                zero_bytes=0,
-                checksums=sums,
-            )
-        )
-    m = mf.Manifest(image=ImageSpec("pool", "", "img"), image_id="abc", target_tag="t", points=tuple(points))
+        parent = IDS[i - 1] if i else None
+        layer = {"file": path.name, "size": SIZES[i], "stored_bytes": path.stat().st_size, "checksums": sums}
+        points.append(point(IDS[i], parent, image_id="abc", snap_id=i + 1, data_bytes=0, zero_bytes=0, **layer))
+    m = made_manifest(*points, image=ImageSpec("pool", "", "img"), image_id="abc", tag="t")
     mf.save(files[0].parent, m)
     return m
 
