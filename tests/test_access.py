@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from factories import manifest, point
 
 from rbd2qcow2.core.errors import ChainDamaged, Locked, NotFound, TargetError
 from rbd2qcow2.core.kinds import MergeMethod, PointFlag, PointKind
@@ -22,29 +23,13 @@ IMAGE = ImageSpec("rbd", "", "vm-1")
 P1 = "20261122T010203Z"
 
 
-def point(pid: str, parent: str | None = None) -> mf.Point:
-    return mf.Point(
-        id=pid,
-        file=f"{pid}.qcow2",
-        parent=parent,
-        created="2026-11-22T01:02:03+00:00",
-        size=1 << 20,
-        image_id="1234abcd",
-        snapshot=mf.Snapshot(f"rbd2qcow2.0123abcd.{pid}", 7),
-        kind=PointKind.of(parent),
-        stored_bytes=0,
-        data_bytes=0,
-        zero_bytes=0,
-    )
-
-
 def chain(target: Path, *, writing: tuple[str, ...] = ()) -> tuple[Path, mf.Manifest]:
     """A target with one chain of one point (its layer file a placeholder: nothing here reads it)."""
     tag = open_target(target, create=True)
     directory = chain_dir(target, IMAGE)
     directory.mkdir(parents=True)
     (directory / f"{P1}.qcow2").write_bytes(b"")
-    m = mf.Manifest(IMAGE, "1234abcd", tag, (point(P1),), writing=writing)
+    m = manifest(point(P1, tag=tag), image=IMAGE, tag=tag, writing=writing)
     mf.save(directory, m)
     return directory, m
 
@@ -146,6 +131,6 @@ def test_domain_values_are_the_strings_of_the_manifest() -> None:
     assert [str(k) for k in PointKind] == ["full", "incremental"]
     assert [str(f) for f in PointFlag] == ["damaged", "no-incremental", "repaired", "no-snapshot"]
     assert [str(m) for m in MergeMethod] == ["copy", "commit"]
-    body = json.loads(mf.dumps(mf.Manifest(IMAGE, "1234abcd", "0123abcd", (point(P1),))))
+    body = json.loads(mf.dumps(manifest(point(P1), image=IMAGE)))
     assert body["points"][0]["kind"] == "full"
-    assert mf.loads(mf.dumps(mf.Manifest(IMAGE, "", "0123abcd", (point(P1),))), "here").points[0].kind is PointKind.FULL
+    assert mf.loads(mf.dumps(manifest(point(P1), image=IMAGE, image_id="")), "here").points[0].kind is PointKind.FULL
