@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import manifest, point
+from factories import manifest, point, sums
 
 from rbd2qcow2.adapters.qemu import MapExtent
 from rbd2qcow2.core.errors import ChainDamaged, QemuError
@@ -279,7 +279,7 @@ def test_du_pending_merge_leaves_estimates_out(target: Path) -> None:
     directory = chain_dir(target, ImageSpec("rbd", "", "vm1"))
     m = mf.load(directory)
     assert m is not None
-    pending = mf.PendingMerge(P3, (P2,), mf.Checksums(f"{P3}.sums", "xxh3-128", 65536, "ab" * 32), 0, 0, 0)
+    pending = mf.PendingMerge(P3, (P2,), sums(P3), 0, 0, 0)
     mf.save(directory, manifest(*m.points, image=m.image, image_id=m.image_id, tag=m.target_tag, pending=pending))
     proc = _du(target, "--json", "rbd/vm1")
     assert proc.returncode == 0, proc.stderr
