@@ -152,9 +152,9 @@ def test_ordered_writer_writes_as_soon_as_possible(tmp_path: Path) -> None:
     one = cs.block_records(0, b"x")[0]
     writer.add(1, one)
     writer.add(2, one)
-    assert len(writer._pending) == 2  # waiting for batch 0
+    assert len(writer.pending) == 2  # waiting for batch 0
     writer.add(0, one)
-    assert writer._pending == []
+    assert writer.pending == []
     writer.finish()
     assert [i for i, _ in cs.read_records(path)] == [0, 0, 0]
 

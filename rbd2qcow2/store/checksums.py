@@ -81,21 +81,21 @@ class OrderedWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         self._fh: BinaryIO = os.fdopen(fd, "wb")
         self._fh.write(_HEADER.pack(MAGIC, BLOCK_SIZE, 0, 0))
-        self._pending: list[tuple[int, bytes]] = []
+        self.pending: list[tuple[int, bytes]] = []  # batches held until every earlier one has arrived
         self._next = 0
         self._count = 0
 
     def add(self, seq: int, records: bytes) -> None:
-        heapq.heappush(self._pending, (seq, records))
-        while self._pending and self._pending[0][0] == self._next:
-            _, recs = heapq.heappop(self._pending)
+        heapq.heappush(self.pending, (seq, records))
+        while self.pending and self.pending[0][0] == self._next:
+            _, recs = heapq.heappop(self.pending)
             self._fh.write(recs)
             self._count += len(recs) // _RECORD.size
             self._next += 1
 
     def finish(self) -> str:
         """Complete the file (count in the header, fsync); returns its SHA-256."""
-        if self._pending:
+        if self.pending:
             raise RuntimeError("checksum batches missing")
         self._fh.seek(0)
         self._fh.write(_HEADER.pack(MAGIC, BLOCK_SIZE, 0, self._count))

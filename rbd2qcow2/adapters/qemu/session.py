@@ -42,12 +42,13 @@ class QmpSession:
         """``root``: the daemon's working directory, under which files are named relative to it."""
         process.remove_stale_dirs(Path(tempfile.gettempdir()))
         self._root = root.absolute() if root is not None else None
-        self._dir = Path(tempfile.mkdtemp(prefix=f"{process.DIR_PREFIX}{os.getpid()}-"))
-        os.chmod(self._dir, 0o700)
+        # The daemon's own directory (its sockets and log), named with its owner's pid; removed at close.
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{process.DIR_PREFIX}{os.getpid()}-"))
+        os.chmod(self.directory, 0o700)
         self._qmp: QEMUMonitorProtocol | None = None
         self._listener: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._nbd_socket = nbd_socket or self._dir / "nbd.sock"
+        self._nbd_socket = nbd_socket or self.directory / "nbd.sock"
         self._ready = False
         self._failed: str | None = None  # why the daemon never came up: every later use says so
         self._expired: str | None = None  # the wait that ran out of time (the daemon was killed)
@@ -79,14 +80,14 @@ class QmpSession:
 
     def start(self) -> None:
         """Spawn the daemon; it connects to our QMP socket, which :meth:`_connect` accepts on first use."""
-        qmp_path = self._dir / "qmp.sock"
+        qmp_path = self.directory / "qmp.sock"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(str(qmp_path))
             self._listener.listen(1)
         except OSError as exc:  # a socket path is at most 107 bytes: a long TMPDIR
             raise QemuUnavailable(f"cannot listen on the QMP socket {qmp_path}: {exc.strerror or exc}") from exc
-        self._proc = process.spawn(qmp_path, self._root, self._dir / "qsd.log")
+        self._proc = process.spawn(qmp_path, self._root, self.directory / "qsd.log")
 
     def _connect(self) -> QEMUMonitorProtocol:
         """Accept the daemon's QMP connection and start its NBD server, on first use.
@@ -150,7 +151,7 @@ class QmpSession:
     def log_tail(self) -> str:
         """The end of the daemon's own log (its stdout and stderr), for error messages."""
         try:
-            return (self._dir / "qsd.log").read_text(errors="replace")[-2000:]
+            return (self.directory / "qsd.log").read_text(errors="replace")[-2000:]
         except OSError:
             return ""
 
@@ -260,7 +261,7 @@ class QmpSession:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _quit(self) -> None:
         with contextlib.suppress(QemuError):
