@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import faultlib
 from cephcluster import CephCluster
 from helpers import Ceph
+from libvirtd import libvirt_daemon as libvirt_daemon  # registered once: the session's private libvirtd
 
 CEPH_BINARIES = ("ceph-mon", "ceph-osd", "ceph", "rbd")
 

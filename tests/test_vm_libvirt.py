@@ -20,7 +20,6 @@ import vmguest
 from cephcluster import CephCluster
 from helpers import Ceph, MiB
 from libvirtd import CephAccess, PrivateLibvirtd, define_ceph_secret
-from libvirtd import libvirt_daemon as libvirt_daemon
 
 from rbd2qcow2.adapters import libvirt as lv
 from rbd2qcow2.core.errors import Cancelled, NotFound
