@@ -246,8 +246,21 @@ def manifest(files: list[Path]) -> mf.Manifest:
         writer.add(0, b"".join(block_records(b * B, raw[b * B : (b + 1) * B])[0] for b in sorted(recorded(files, i))))
         sums = mf.Checksums(path.with_suffix(".sums").name, "xxh3-128", B, writer.finish())
         parent = IDS[i - 1] if i else None
-        layer = {"file": path.name, "size": SIZES[i], "stored_bytes": path.stat().st_size, "checksums": sums}
-        points.append(point(IDS[i], parent, image_id="abc", snap_id=i + 1, data_bytes=0, zero_bytes=0, **layer))
+        stored = path.stat().st_size
+        points.append(
+            point(
+                IDS[i],
+                parent,
+                file=path.name,
+                size=SIZES[i],
+                image_id="abc",
+                snap_id=i + 1,
+                checksums=sums,
+                stored_bytes=stored,
+                data_bytes=0,
+                zero_bytes=0,
+            )
+        )
     m = made_manifest(*points, image=ImageSpec("pool", "", "img"), image_id="abc", tag="t")
     mf.save(files[0].parent, m)
     return m
