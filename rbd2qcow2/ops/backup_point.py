@@ -21,15 +21,15 @@ from pathlib import Path
 from ..adapters import qemu
 from ..adapters.ceph import Cluster, RbdImage, SnapInfo
 from ..core import names
-from ..core.errors import ChainDamaged, DiffMismatch, Error, Locked, NotFound
+from ..core.errors import ChainDamaged, DiffMismatch, Error, NotFound
 from ..core.faults import crashpoint
 from ..store import manifest as mf
 from ..store import qcow2
 from ..store.activity import point_latest, record
-from ..store.chain import checked_chain, remove_orphan_files
-from ..store.fsutil import chain_lock, make_dirs
+from ..store.chain import checked_chain
+from ..store.fsutil import make_dirs
+from .access import BACKUP, chain_session
 from .backup_layer import BackupOptions, Base, LayerWriter, Plan, Source, diff
-from .prune import recover
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +87,6 @@ class Started:
         self.close()
 
 
-def open_chain(directory: Path, image: names.ImageSpec, lock: ExitStack, *, wait: bool) -> mf.Manifest | None:
-    """Lock the chain (into ``lock``), load its manifest and finish a merge an interrupted run left."""
-    lock.enter_context(chain_lock(directory, wait=wait, what=str(image)))
-    manifest = mf.load(directory)
-    if manifest is not None:
-        try:
-            manifest = recover(directory, manifest)
-        except Locked as exc:
-            # The points the backup builds on read right while a commit merge is pending.
-            logger.warning("%s: the interrupted merge stays pending: %s", image, exc)
-    return manifest
-
-
 class ImageBackup:
     """One image's backup run (the steps in :mod:`rbd2qcow2.ops.backup`)."""
 
@@ -119,7 +106,9 @@ class ImageBackup:
         the returned :class:`Started` is closed.
         """
         with ExitStack() as lock:
-            plan = self._plan(img, open_chain(self.dir, self.image, lock, wait=self.opts.wait))
+            # The target is open (its tag known): one chain of it, locked until the point is settled.
+            session = chain_session(self.dir, str(self.image), BACKUP, wait=self.opts.wait, tag=self.tag)
+            plan = self._plan(img, lock.enter_context(session))
             mf.save(self.dir, plan.manifest)  # the journal: the next run removes only what it names
             crashpoint("after-journal")
             snap = img.create_snapshot(names.snapshot_name(self.tag, plan.point_id))
@@ -138,9 +127,7 @@ class ImageBackup:
         image_id = img.id()
         if manifest is None:
             manifest = mf.Manifest(self.image, image_id, self.tag)
-        elif manifest.target_tag != self.tag:
-            raise ChainDamaged(str(self.dir), "manifest belongs to another target")
-        manifest = self._clean_orphans(manifest, img)
+        self._clean_snapshots(manifest, img)
         base = choose_base(manifest, img.snapshots(), image_id, full=self.opts.full, directory=self.dir)
         base, files = self._base_chain(manifest, base)
         logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
@@ -198,15 +185,14 @@ class ImageBackup:
             logger.warning("%s: old snapshots not listed: %s (the next run removes them)", self.image, exc)
             return []
 
-    def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> mf.Manifest:
-        manifest = remove_orphan_files(self.dir, manifest)
+    def _clean_snapshots(self, manifest: mf.Manifest, img: RbdImage) -> None:
+        """Remove our snapshots that no point names (left by an interrupted run)."""
         keep = manifest.latest.snapshot.name if manifest.latest else None
         for snap in img.snapshots():
             if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:
                 logger.warning("%s: removing snapshot %s left by an interrupted run", self.image, snap.name)
                 with contextlib.suppress(NotFound):  # removed meanwhile, by a run on another host
                     img.remove_snapshot(snap.name)
-        return manifest
 
     def _flag_latest(self, flag: str, reason: str) -> None:
         """Mark the latest point so that the next backup does not build on it."""
