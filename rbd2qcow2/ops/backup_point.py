@@ -23,11 +23,13 @@ from ..adapters.ceph import Cluster, RbdImage, SnapInfo
 from ..core import names
 from ..core.errors import ChainDamaged, DiffMismatch, Error, NotFound
 from ..core.faults import crashpoint
+from ..core.kinds import PointFlag, PointKind
 from ..store import manifest as mf
 from ..store import qcow2
 from ..store.activity import point_latest, record
 from ..store.chain import checked_chain
 from ..store.fsutil import make_dirs
+from ..store.layout import layer_file, partial, sums_file
 from .access import BACKUP, chain_session
 from .backup_layer import BackupOptions, Base, LayerWriter, Plan, Source, diff
 
@@ -130,7 +132,12 @@ class ImageBackup:
         self._clean_snapshots(manifest, img)
         base = choose_base(manifest, img.snapshots(), image_id, full=self.opts.full, directory=self.dir)
         base, files = self._base_chain(manifest, base)
-        logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
+        logger.info(
+            "%s: %s backup (%s)",
+            self.image,
+            PointKind.FULL if base.point is None else PointKind.INCREMENTAL,
+            base.reason,
+        )
         point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
         manifest = dataclasses.replace(manifest, writing=point_files(point_id))
         return Plan(manifest, image_id, base, files, point_id)
@@ -139,7 +146,7 @@ class ImageBackup:
         """The head's handle set to the snapshot (into ``source``), for the diff, the first reader and
         the sample; the empty layer file."""
         src = source.enter_context(img.at_snapshot(snap.name))
-        layer = self.dir / names.partial(names.layer_file(plan.point_id))
+        layer = self.dir / partial(layer_file(plan.point_id))
         qcow2.create_layer(layer, snap.size, plan.base.point.file if plan.base.point else None)
         # A small image's diff, here: in a run that is ahead of the job, beside the
         # snapshot create of the next image.
@@ -160,7 +167,7 @@ class ImageBackup:
             mf.save(self.dir, dataclasses.replace(committed, writing=()))
         except DiffMismatch as exc:
             started.abandon()
-            self._flag_latest("no-incremental", str(exc))
+            self._flag_latest(PointFlag.NO_INCREMENTAL, str(exc))
             raise
         except BaseException:
             started.abandon()
@@ -194,7 +201,7 @@ class ImageBackup:
                 with contextlib.suppress(NotFound):  # removed meanwhile, by a run on another host
                     img.remove_snapshot(snap.name)
 
-    def _flag_latest(self, flag: str, reason: str) -> None:
+    def _flag_latest(self, flag: PointFlag, reason: str) -> None:
         """Mark the latest point so that the next backup does not build on it."""
         m = mf.load(self.dir)
         if m is not None and m.latest is not None and flag not in m.latest.flags:
@@ -212,8 +219,8 @@ class ImageBackup:
             committed = mf.load(self.dir)
             if committed is not None and any(p.id == point_id for p in committed.points):
                 return
-        for name in (names.layer_file(point_id), names.sums_file(point_id)):
-            for path in (self.dir / name, self.dir / names.partial(name)):
+        for name in (layer_file(point_id), sums_file(point_id)):
+            for path in (self.dir / name, self.dir / partial(name)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         try:
@@ -234,8 +241,8 @@ class ImageBackup:
 
 def point_files(point_id: str) -> tuple[str, ...]:
     """The files a backup of ``point_id`` creates: its layer and checksums, and their ``.partial`` files."""
-    files = (names.layer_file(point_id), names.sums_file(point_id))
-    return (*files, *(names.partial(f) for f in files))
+    files = (layer_file(point_id), sums_file(point_id))
+    return (*files, *(partial(f) for f in files))
 
 
 def choose_base(
@@ -249,9 +256,9 @@ def choose_base(
         return Base(None, "first backup of this image")
     if latest.image_id != image_id:
         return Base(None, f"image was re-created (id {image_id}, chain has {latest.image_id}): new chain")
-    if "damaged" in latest.flags:
+    if PointFlag.DAMAGED in latest.flags:
         return Base(None, f"point {latest.id} failed verification: new chain")
-    if "no-incremental" in latest.flags:
+    if PointFlag.NO_INCREMENTAL in latest.flags:
         return Base(None, f"librbd's diff since {latest.id} missed changes: new chain")
     snap = next((s for s in snapshots if s.name == latest.snapshot.name), None)
     if snap is None:
