@@ -32,6 +32,7 @@ from ..core.kinds import PointKind
 from ..store import manifest as mf
 from ..store.checksums import ALGORITHM, BLOCK_SIZE, OrderedWriter
 from ..store.fsutil import commit_file
+from ..store.layout import layer_file, partial, sums_file
 from ..transfer.pipeline import Stats, Transfer, TransferOptions, peek_small
 from ..transfer.progress import Progress
 
@@ -100,9 +101,9 @@ class LayerWriter:
 
     def write(self, daemon: qemu.StorageDaemon, plan: Plan, source: Source) -> mf.Point:
         """Steps 4 and 5: the layer and its checksums, checked, synced and renamed; the point that names them."""
-        layer = self.dir / names.layer_file(plan.point_id)
-        sums_final = self.dir / names.sums_file(plan.point_id)
-        sums = OrderedWriter(self.dir / names.partial(sums_final.name))
+        layer = self.dir / layer_file(plan.point_id)
+        sums_final = self.dir / sums_file(plan.point_id)
+        sums = OrderedWriter(self.dir / partial(sums_final.name))
         try:
             stats = self._transfer(daemon, plan, source, sums)
             crashpoint("before-rename")

@@ -21,15 +21,17 @@ from pathlib import Path
 from ..adapters import qemu
 from ..adapters.ceph import Cluster, RbdImage, SnapInfo
 from ..core import names
-from ..core.errors import ChainDamaged, DiffMismatch, Error, Locked, NotFound
+from ..core.errors import ChainDamaged, DiffMismatch, Error, NotFound
 from ..core.faults import crashpoint
+from ..core.kinds import PointFlag, PointKind
 from ..store import manifest as mf
 from ..store import qcow2
 from ..store.activity import point_latest, record
-from ..store.chain import checked_chain, remove_orphan_files
-from ..store.fsutil import chain_lock, make_dirs
+from ..store.chain import checked_chain
+from ..store.fsutil import make_dirs
+from ..store.layout import layer_file, partial, sums_file
+from .access import BACKUP, chain_session
 from .backup_layer import BackupOptions, Base, LayerWriter, Plan, Source, diff
-from .prune import recover
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +89,6 @@ class Started:
         self.close()
 
 
-def open_chain(directory: Path, image: names.ImageSpec, lock: ExitStack, *, wait: bool) -> mf.Manifest | None:
-    """Lock the chain (into ``lock``), load its manifest and finish a merge an interrupted run left."""
-    lock.enter_context(chain_lock(directory, wait=wait, what=str(image)))
-    manifest = mf.load(directory)
-    if manifest is not None:
-        try:
-            manifest = recover(directory, manifest)
-        except Locked as exc:
-            # The points the backup builds on read right while a commit merge is pending.
-            logger.warning("%s: the interrupted merge stays pending: %s", image, exc)
-    return manifest
-
-
 class ImageBackup:
     """One image's backup run (the steps in :mod:`rbd2qcow2.ops.backup`)."""
 
@@ -119,7 +108,9 @@ class ImageBackup:
         the returned :class:`Started` is closed.
         """
         with ExitStack() as lock:
-            plan = self._plan(img, open_chain(self.dir, self.image, lock, wait=self.opts.wait))
+            # The target is open (its tag known): one chain of it, locked until the point is settled.
+            session = chain_session(self.dir, str(self.image), BACKUP, wait=self.opts.wait, tag=self.tag)
+            plan = self._plan(img, lock.enter_context(session))
             mf.save(self.dir, plan.manifest)  # the journal: the next run removes only what it names
             crashpoint("after-journal")
             snap = img.create_snapshot(names.snapshot_name(self.tag, plan.point_id))
@@ -138,12 +129,15 @@ class ImageBackup:
         image_id = img.id()
         if manifest is None:
             manifest = mf.Manifest(self.image, image_id, self.tag)
-        elif manifest.target_tag != self.tag:
-            raise ChainDamaged(str(self.dir), "manifest belongs to another target")
-        manifest = self._clean_orphans(manifest, img)
+        self._clean_snapshots(manifest, img)
         base = choose_base(manifest, img.snapshots(), image_id, full=self.opts.full, directory=self.dir)
         base, files = self._base_chain(manifest, base)
-        logger.info("%s: %s backup (%s)", self.image, "incremental" if base.point else "full", base.reason)
+        logger.info(
+            "%s: %s backup (%s)",
+            self.image,
+            PointKind.FULL if base.point is None else PointKind.INCREMENTAL,
+            base.reason,
+        )
         point_id = names.point_id(datetime.now(UTC), {p.id for p in manifest.points})
         manifest = dataclasses.replace(manifest, writing=point_files(point_id))
         return Plan(manifest, image_id, base, files, point_id)
@@ -152,7 +146,7 @@ class ImageBackup:
         """The head's handle set to the snapshot (into ``source``), for the diff, the first reader and
         the sample; the empty layer file."""
         src = source.enter_context(img.at_snapshot(snap.name))
-        layer = self.dir / names.partial(names.layer_file(plan.point_id))
+        layer = self.dir / partial(layer_file(plan.point_id))
         qcow2.create_layer(layer, snap.size, plan.base.point.file if plan.base.point else None)
         # A small image's diff, here: in a run that is ahead of the job, beside the
         # snapshot create of the next image.
@@ -173,7 +167,7 @@ class ImageBackup:
             mf.save(self.dir, dataclasses.replace(committed, writing=()))
         except DiffMismatch as exc:
             started.abandon()
-            self._flag_latest("no-incremental", str(exc))
+            self._flag_latest(PointFlag.NO_INCREMENTAL, str(exc))
             raise
         except BaseException:
             started.abandon()
@@ -198,17 +192,16 @@ class ImageBackup:
             logger.warning("%s: old snapshots not listed: %s (the next run removes them)", self.image, exc)
             return []
 
-    def _clean_orphans(self, manifest: mf.Manifest, img: RbdImage) -> mf.Manifest:
-        manifest = remove_orphan_files(self.dir, manifest)
+    def _clean_snapshots(self, manifest: mf.Manifest, img: RbdImage) -> None:
+        """Remove our snapshots that no point names (left by an interrupted run)."""
         keep = manifest.latest.snapshot.name if manifest.latest else None
         for snap in img.snapshots():
             if names.is_own_snapshot(snap.name, self.tag) and snap.name != keep:
                 logger.warning("%s: removing snapshot %s left by an interrupted run", self.image, snap.name)
                 with contextlib.suppress(NotFound):  # removed meanwhile, by a run on another host
                     img.remove_snapshot(snap.name)
-        return manifest
 
-    def _flag_latest(self, flag: str, reason: str) -> None:
+    def _flag_latest(self, flag: PointFlag, reason: str) -> None:
         """Mark the latest point so that the next backup does not build on it."""
         m = mf.load(self.dir)
         if m is not None and m.latest is not None and flag not in m.latest.flags:
@@ -226,8 +219,8 @@ class ImageBackup:
             committed = mf.load(self.dir)
             if committed is not None and any(p.id == point_id for p in committed.points):
                 return
-        for name in (names.layer_file(point_id), names.sums_file(point_id)):
-            for path in (self.dir / name, self.dir / names.partial(name)):
+        for name in (layer_file(point_id), sums_file(point_id)):
+            for path in (self.dir / name, self.dir / partial(name)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         try:
@@ -248,8 +241,8 @@ class ImageBackup:
 
 def point_files(point_id: str) -> tuple[str, ...]:
     """The files a backup of ``point_id`` creates: its layer and checksums, and their ``.partial`` files."""
-    files = (names.layer_file(point_id), names.sums_file(point_id))
-    return (*files, *(names.partial(f) for f in files))
+    files = (layer_file(point_id), sums_file(point_id))
+    return (*files, *(partial(f) for f in files))
 
 
 def choose_base(
@@ -263,9 +256,9 @@ def choose_base(
         return Base(None, "first backup of this image")
     if latest.image_id != image_id:
         return Base(None, f"image was re-created (id {image_id}, chain has {latest.image_id}): new chain")
-    if "damaged" in latest.flags:
+    if PointFlag.DAMAGED in latest.flags:
         return Base(None, f"point {latest.id} failed verification: new chain")
-    if "no-incremental" in latest.flags:
+    if PointFlag.NO_INCREMENTAL in latest.flags:
         return Base(None, f"librbd's diff since {latest.id} missed changes: new chain")
     snap = next((s for s in snapshots if s.name == latest.snapshot.name), None)
     if snap is None:

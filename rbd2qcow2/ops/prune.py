@@ -58,7 +58,7 @@ from ..store.refs import parse_ref, select
 from ..store.target import iter_chains, open_target
 from . import merge
 from .access import CHANGE, chain_session, with_chain
-from .journal import finish, point_files, recover, save_dropping, unlink_points
+from .journal import finish, point_files, save_dropping, unlink_points
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +343,5 @@ __all__ = [
     "plan_image",
     "prune",
     "prune_chain",
-    "recover",  # re-exported for the backup, until it opens its chain with ops.access.with_chain
     "stamps",
 ]

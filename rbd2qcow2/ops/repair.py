@@ -50,10 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPAIRED = PointFlag.REPAIRED
-NO_SNAPSHOT = PointFlag.NO_SNAPSHOT
-NO_INCREMENTAL = PointFlag.NO_INCREMENTAL
-
 
 @dataclass(frozen=True)
 class RepairOptions:
@@ -94,7 +90,7 @@ class RepairReport:
         for p in self.manifest.points:
             parent = f"on {p.parent}" if p.parent else "base"
             sums = "checksums" if p.checksums else "no checksums"
-            snap = f"snapshot id {p.snapshot.id}" if NO_SNAPSHOT not in p.flags else "snapshot not found"
+            snap = f"snapshot id {p.snapshot.id}" if PointFlag.NO_SNAPSHOT not in p.flags else "snapshot not found"
             out.append(f"{self.image}@{p.id}  {p.kind:<11}  {parent}  {sums}, {snap}  [{', '.join(p.flags)}]")
         for name, why in self.left_out:
             out.append(f"{self.image}  left out {name}: {why}")
@@ -202,9 +198,9 @@ def rebuild(directory: Path, image: names.ImageSpec, tag: str, source: Source | 
     for p in points:
         if p.parent is not None and p.parent > p.id:
             raise ChainDamaged(where, f"layer {p.file} is older than its backing file {layer_file(p.parent)}")
-    if points and NO_SNAPSHOT in points[-1].flags:
+    if points and PointFlag.NO_SNAPSHOT in points[-1].flags:
         last = points[-1]
-        points[-1] = dataclasses.replace(last, flags=(*last.flags, NO_INCREMENTAL))
+        points[-1] = dataclasses.replace(last, flags=(*last.flags, PointFlag.NO_INCREMENTAL))
     image_id = source.image_id if source is not None else ""
     m = mf.Manifest(image, image_id, tag, tuple(points))
     m = mf.loads(mf.dumps(m), where)  # every rule a loaded manifest must meet
@@ -288,7 +284,7 @@ def _point(directory: Path, layer: _Layer, source: Source | None, tag: str, left
         facts = None
     size = facts.size if facts is not None else layer.header.size
     sums, data, zeros = _sums(directory, layer.id, size, left)
-    flags = (REPAIRED,) if facts is not None else (REPAIRED, NO_SNAPSHOT)
+    flags = (PointFlag.REPAIRED,) if facts is not None else (PointFlag.REPAIRED, PointFlag.NO_SNAPSHOT)
     created = facts.created if facts is not None else point_time(layer.id)
     return mf.Point(
         id=layer.id,

@@ -20,6 +20,7 @@ import secrets
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,7 +127,7 @@ def _write_raw(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: i
         os.fchmod(fd, FILE_MODE)
         os.ftruncate(fd, loc.point.size)
         with _early_writeback(fd):
-            _copy_chain(loc, _FileSink(fd), check, parallel=parallel, overwrite=False, progress=progress)
+            _copy_chain(loc, _CopyOptions(_FileSink(fd), check, parallel, progress))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -143,7 +144,7 @@ def _restore_to_device(loc: Located, dev: Path, *, parallel: int, progress: bool
         size = os.lseek(fd, 0, os.SEEK_END)
         if size < loc.point.size:
             raise TargetError(f"{dev} holds {size} bytes, the point {loc.point.size}: too small")
-        _copy_chain(loc, _FileSink(fd), check, parallel=parallel, overwrite=True, progress=progress)
+        _copy_chain(loc, _CopyOptions(_FileSink(fd), check, parallel, progress, overwrite=True))
         os.fsync(fd)
     except ChainDamaged:
         logger.error("%s: the device was partly written: its content is not the point's", dev)
@@ -172,9 +173,7 @@ def _fill_qcow2(loc: Located, tmp: Path, check: BlockCheck | None, *, parallel: 
             out = daemon.export_chain([tmp], writable=True)
             pool = ConnectionPool(out.socket, out.name, parallel)
             try:
-                _copy_chain(
-                    loc, _NbdSink(pool), check, parallel=parallel, overwrite=False, progress=progress, daemon=daemon
-                )
+                _copy_chain(loc, _CopyOptions(_NbdSink(pool), check, parallel, progress), daemon=daemon)
                 with daemon.bounded("flushing the new qcow2", qemu.QMP_TIMEOUT * 10):
                     pool.flush()
             finally:
@@ -222,53 +221,46 @@ class _NbdSink:
         pass
 
 
-def _copy_chain(
-    loc: Located,
-    sink: Sink,
-    check: BlockCheck | None,
-    *,
-    parallel: int,
-    overwrite: bool,
-    progress: bool,
-    daemon: qemu.StorageDaemon | None = None,
-) -> None:
-    """Copy the point from a read-only export of its chain into ``sink`` (a daemon of its own unless given)."""
+@dataclass(frozen=True)
+class _CopyOptions:
+    """Where a point's content goes and how it is copied there."""
+
+    sink: Sink
+    check: BlockCheck | None  # the blocks' checksums, or None: not checked
+    parallel: int  # readers of the export
+    progress: bool  # show a progress bar
+    overwrite: bool = False  # write the zeros too: a device's old content is not zero
+    align: int = FILE_CHUNK  # the allocation map's chunks are split at multiples of this
+
+
+def _copy_chain(loc: Located, opts: _CopyOptions, *, daemon: qemu.StorageDaemon | None = None) -> None:
+    """Copy the point from a read-only export of its chain into ``opts.sink`` (a daemon of its own unless given)."""
     with contextlib.ExitStack() as stack:
         if daemon is None:
             daemon = stack.enter_context(qemu.storage_daemon())
-        _transfer(loc, daemon, sink, check, parallel=parallel, overwrite=overwrite, progress=progress, align=FILE_CHUNK)
+        _transfer(loc, daemon, opts)
 
 
-def _transfer(
-    loc: Located,
-    daemon: qemu.StorageDaemon,
-    sink: Sink,
-    check: BlockCheck | None,
-    *,
-    parallel: int,
-    overwrite: bool,
-    progress: bool,
-    align: int,
-) -> None:
+def _transfer(loc: Located, daemon: qemu.StorageDaemon, opts: _CopyOptions) -> None:
     """Read the chain through NBD by its allocation map, check, write; any failure or signal kills the
     daemon first, so that no reader stays blocked on it."""
-    size = loc.point.size
+    size, sink = loc.point.size, opts.sink
     try:
         export = daemon.export_for_reading(loc.files)
-        with Progress(loc.ref, size, enabled=progress) as bar, Connection(export.socket, export.name) as mapper:
+        with Progress(loc.ref, size, enabled=opts.progress) as bar, Connection(export.socket, export.name) as mapper:
             try:
                 if mapper.size < size:
                     raise ChainDamaged(loc.ref, f"qemu exports {mapper.size} bytes, the point has {size}")
                 copier = Copier(
                     lambda: Connection(export.socket, export.name),
                     sink,
-                    readers=parallel,
-                    overwrite=overwrite,
+                    readers=opts.parallel,
+                    overwrite=opts.overwrite,
                     progress=bar.update,
-                    check=check,
+                    check=opts.check,
                     abort=daemon.kill,
                 )
-                copier.run(allocated_chunks(mapper, size, align))
+                copier.run(allocated_chunks(mapper, size, opts.align))
                 sink.wait()
             except BaseException:
                 daemon.kill()  # before the connections close: none waits on a stuck daemon
@@ -423,16 +415,7 @@ def _transfer_to_rbd(
     with qemu.storage_daemon() as daemon, cluster.image_for_bulk_writes(dest) as img:
         writes = img.async_writes(WRITE_DEPTH, WRITE_BYTES)
         try:
-            _transfer(
-                loc,
-                daemon,
-                writes,
-                check,
-                parallel=parallel,
-                overwrite=False,
-                progress=progress,
-                align=img.object_size(),
-            )
+            _transfer(loc, daemon, _CopyOptions(writes, check, parallel, progress, align=img.object_size()))
             img.flush()
         except BaseException:
             writes.settle()  # librbd still holds requests: let them finish before the image is closed

@@ -38,6 +38,7 @@ from ..adapters import qemu
 from ..core import names
 from ..core.errors import Error, Locked, NotFound, QemuUnavailable, combined_exit_code
 from ..core.extents import Chunk, Kind, sample_ranges
+from ..core.kinds import PointFlag
 from ..core.threads import Later
 from ..store import manifest as mf
 from ..store.checksums import chain_digests, read_records
@@ -443,13 +444,13 @@ class ChainVerifier:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         points = []
         for p in self.m.points:
-            q = p.cleared(mf.DAMAGED, _clearing(sound.get(p.id, set())))
-            if mf.DAMAGED in p.flags and mf.DAMAGED not in q.flags:
+            q = p.cleared(PointFlag.DAMAGED, _clearing(sound.get(p.id, set())))
+            if PointFlag.DAMAGED in p.flags and PointFlag.DAMAGED not in q.flags:
                 logger.info("%s@%s: sound again; its damaged flag is cleared", self.image, p.id)
                 self.report.cleared.append(f"{self.image}@{p.id}")
             for check, reason in found.get(p.id, {}).items():
-                if not any(f.check == check and f.reason == reason for f in q.reasons(mf.DAMAGED)):
-                    q = q.flagged(mf.Flag(mf.DAMAGED, check, reason, now))  # a reason found again keeps its time
+                if not any(f.check == check and f.reason == reason for f in q.reasons(PointFlag.DAMAGED)):
+                    q = q.flagged(mf.Flag(PointFlag.DAMAGED, check, reason, now))  # a reason found again keeps its time
             points.append(q)
         if tuple(points) != self.m.points:
             self.m = dataclasses.replace(self.m, points=tuple(points))
