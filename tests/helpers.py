@@ -16,12 +16,12 @@ import rbd
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 FEATURE_SETS = {
-    "layering": rbd.RBD_FEATURE_LAYERING,  # type: ignore[attr-defined]
+    "layering": rbd.RBD_FEATURE_LAYERING,
     "fast-diff": (
-        rbd.RBD_FEATURE_LAYERING  # type: ignore[attr-defined]
-        | rbd.RBD_FEATURE_EXCLUSIVE_LOCK  # type: ignore[attr-defined]
-        | rbd.RBD_FEATURE_OBJECT_MAP  # type: ignore[attr-defined]
-        | rbd.RBD_FEATURE_FAST_DIFF  # type: ignore[attr-defined]
+        rbd.RBD_FEATURE_LAYERING
+        | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+        | rbd.RBD_FEATURE_OBJECT_MAP
+        | rbd.RBD_FEATURE_FAST_DIFF
     ),
 }
 

@@ -25,7 +25,7 @@ from ..adapters import qemu
 from ..adapters.ceph import CephOptions, Cluster, RbdImage, SnapInfo
 from ..adapters.nbdio import ConnectionPool
 from ..core import names
-from ..core.errors import DiffMismatch, QemuError
+from ..core.errors import CephError, DiffMismatch, QemuError
 from ..core.extents import Chunk, Extent, Range, boundary_extent, plan, sample_ranges, subtract, union, windows
 from ..core.faults import crashpoint, drop_extent
 from ..core.kinds import PointKind
@@ -35,6 +35,7 @@ from ..store.fsutil import commit_file
 from ..store.layout import layer_file, partial, sums_file
 from ..transfer.pipeline import Stats, Transfer, TransferOptions, peek_small
 from ..transfer.progress import Progress
+from .image_config import recorded_config
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class LayerWriter:
         sums = OrderedWriter(self.dir / partial(sums_final.name))
         try:
             stats = self._transfer(daemon, plan, source, sums)
+            config = self._config(source.src)  # once the readers have stopped: they share the handle
             crashpoint("before-rename")
             qemu.check_layer(source.layer)
             sha = sums.finish()
@@ -129,7 +131,17 @@ class LayerWriter:
             data_bytes=stats.data_bytes,
             zero_bytes=stats.zero_bytes,
             checksums=mf.Checksums(sums_final.name, ALGORITHM, BLOCK_SIZE, sha),
+            image_config=config,
         )
+
+    def _config(self, src: RbdImage) -> mf.ImageConfig | None:
+        """The image's settings for the point; a failure to read them loses only them, not the point."""
+        try:
+            settings = src.settings()
+            return recorded_config(settings, self.cluster.pool_name(settings.data_pool_id), self.image.pool)
+        except CephError as exc:
+            logger.warning("%s: image settings not recorded: %s", self.image, exc)
+            return None
 
     def _export(self, daemon: qemu.StorageDaemon, files: list[Path], *, small: bool) -> qemu.Export:
         """The new layer's export: O_DIRECT where the target has it, else the page cache.

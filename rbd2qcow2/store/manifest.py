@@ -49,6 +49,21 @@ class Checksums:
     sha256: str  # of the checksum file itself
 
 
+@dataclass(frozen=True)
+class ImageConfig:
+    """The RBD settings of the image a point was taken of, to re-create it on restore.
+
+    Points written before these were recorded have none (``None``).
+    """
+
+    object_size: int
+    stripe_unit: int
+    stripe_count: int
+    data_pool: str | None  # None: the data lives in the image's own pool
+    features: tuple[str, ...]  # names as ``rbd create --image-feature`` takes them
+    meta: tuple[tuple[str, str], ...] = ()  # image-meta key/values, sorted by key
+
+
 DAMAGED = PointFlag.DAMAGED
 UNKNOWN_REASON = "unknown (recorded by an older version)"
 
@@ -83,6 +98,7 @@ class Point:
     checksums: Checksums | None = None
     flags: tuple[str, ...] = ()
     flag_reasons: tuple[Flag, ...] = ()
+    image_config: ImageConfig | None = None
 
     @property
     def is_full(self) -> bool:
@@ -219,6 +235,11 @@ def to_dict(m: Manifest) -> dict[str, Any]:
         body["writing"] = list(m.writing)
     for p in body["points"]:
         p["flags"] = list(p["flags"])
+        if p["image_config"] is None:  # absent, as in manifests written before it existed
+            del p["image_config"]
+        else:
+            p["image_config"]["features"] = list(p["image_config"]["features"])
+            p["image_config"]["meta"] = dict(p["image_config"]["meta"])
     return body
 
 
@@ -226,6 +247,20 @@ def dumps(m: Manifest) -> bytes:
     body = to_dict(m)
     body["sha256"] = hashlib.sha256(canonical(body)).hexdigest()
     return json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
+def _image_config(raw: dict[str, Any] | None) -> ImageConfig | None:
+    if raw is None:
+        return None
+    pool = raw["data_pool"]
+    return ImageConfig(
+        object_size=int(raw["object_size"]),
+        stripe_unit=int(raw["stripe_unit"]),
+        stripe_count=int(raw["stripe_count"]),
+        data_pool=None if pool is None else str(pool),
+        features=tuple(str(f) for f in raw["features"]),
+        meta=tuple(sorted((str(k), str(v)) for k, v in dict(raw.get("meta", {})).items())),
+    )
 
 
 def _point(raw: dict[str, Any]) -> Point:
@@ -247,6 +282,7 @@ def _point(raw: dict[str, Any]) -> Point:
         flag_reasons=tuple(
             Flag(str(f["name"]), str(f["check"]), str(f["reason"]), str(f["time"])) for f in raw.get("flag_reasons", ())
         ),
+        image_config=_image_config(raw.get("image_config")),
     )
 
 

@@ -12,18 +12,20 @@ and the project's own exceptions (``raise ... from exc``).
 
 from .claim import CLAIM_LOCK, LAPSE_MARGIN, RENEW_FRACTION, Claim, Lease
 from .cluster import BULK_WRITE_OPTIONS, CONNECT_TIMEOUT, CephOptions, Cluster, StrayName
-from .image import RbdImage, SnapInfo
+from .image import FEATURE_NAMES, ImageSettings, RbdImage, SnapInfo
 from .writes import AsyncWrites
 
 __all__ = [
     "BULK_WRITE_OPTIONS",
     "CLAIM_LOCK",
     "CONNECT_TIMEOUT",
+    "FEATURE_NAMES",
     "LAPSE_MARGIN",
     "RENEW_FRACTION",
     "AsyncWrites",
     "CephOptions",
     "Claim",
+    "ImageSettings",
     "Cluster",
     "Lease",
     "RbdImage",

@@ -134,6 +134,9 @@ class Cluster:
                 with contextlib.suppress(rados.Error):
                     self._rados.conf_set(key, value)
 
+    def pool_name(self, pool_id: int) -> str:
+        return str(wrap(f"pool id {pool_id}", lambda: self._rados.pool_reverse_lookup(pool_id)))
+
     def exists(self, spec: ImageSpec) -> bool:
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             names = wrap(f"listing {spec.pool}", lambda: rbd.RBD().list(ioctx))

@@ -31,6 +31,34 @@ class SnapInfo:
     size: int
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """An image's layout and options as librbd reports them."""
+
+    object_size: int
+    stripe_unit: int
+    stripe_count: int
+    data_pool_id: int  # the image's own pool where it has no separate data pool
+    features: tuple[str, ...]  # ``rbd create --image-feature`` names
+    meta: tuple[tuple[str, str], ...]  # image-meta key/values, sorted by key
+
+
+# librbd's feature bits by the names ``rbd`` shows and takes.
+FEATURE_NAMES = {
+    "layering": rbd.RBD_FEATURE_LAYERING,
+    "striping": rbd.RBD_FEATURE_STRIPINGV2,
+    "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
+    "object-map": rbd.RBD_FEATURE_OBJECT_MAP,
+    "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
+    "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN,
+    "journaling": rbd.RBD_FEATURE_JOURNALING,
+    "data-pool": rbd.RBD_FEATURE_DATA_POOL,
+    "operations": rbd.RBD_FEATURE_OPERATIONS,
+    "migrating": rbd.RBD_FEATURE_MIGRATING,
+    "non-primary": rbd.RBD_FEATURE_NON_PRIMARY,
+}
+
+
 class RbdImage:
     """An open ``rbd.Image``."""
 
@@ -131,6 +159,20 @@ class RbdImage:
     def flush(self) -> None:
         """Wait until every completed write is on the OSDs (librbd's cache flushed)."""
         wrap(f"{self.label}: flush", self._img.flush)
+
+    def settings(self) -> ImageSettings:
+        """Object size, striping, data pool, features and image-meta (the meta is the head's: not snapshotted)."""
+        img = self._img
+        bits = int(wrap(self.label, img.features))
+        meta = wrap(f"{self.label}: image-meta", lambda: sorted((str(k), str(v)) for k, v in img.metadata_list()))
+        return ImageSettings(
+            object_size=int(wrap(self.label, img.stat)["obj_size"]),
+            stripe_unit=int(wrap(self.label, img.stripe_unit)),
+            stripe_count=int(wrap(self.label, img.stripe_count)),
+            data_pool_id=int(wrap(self.label, img.data_pool_id)),
+            features=tuple(name for name, bit in FEATURE_NAMES.items() if bits & bit),
+            meta=tuple(meta),
+        )
 
     def object_size(self) -> int:
         return int(wrap(self.label, self._img.stat)["obj_size"])
