@@ -7,8 +7,8 @@ import json
 from factories import manifest
 from factories import point as make_point
 
-from rbd2qcow2.adapters.ceph import ImageSettings
-from rbd2qcow2.ops.image_config import recorded_config
+from rbd2qcow2.adapters.ceph import ImageSettings, NewImage
+from rbd2qcow2.ops.image_config import Creation, ImageFlags, creation, recorded_config
 from rbd2qcow2.store import manifest as mf
 
 P1, P2 = "20240301T000000Z", "20240302T000000Z"
@@ -64,3 +64,53 @@ def test_own_pool_as_data_pool_is_recorded_as_none() -> None:
 def test_recorded_config_keeps_the_settings_and_sorts_the_meta() -> None:
     got = recorded_config(settings(meta=(("b", "2"), ("a", "1"))), "rbd", "rbd")
     assert got == mf.ImageConfig(4 << 20, 4 << 20, 1, None, ("layering", "deep-flatten"), (("a", "1"), ("b", "2")))
+
+
+# -- what a restore creates ---------------------------------------------------
+
+
+def test_without_record_or_flags_the_cluster_decides() -> None:
+    made = creation(None, ImageFlags(), {"rbd"})
+    assert made == Creation(NewImage(), (), ())
+
+
+def test_recorded_settings_are_applied() -> None:
+    made = creation(CONFIG, ImageFlags(), {"rbd", "ec-data"})
+    assert made.layout == NewImage(20, ("layering", "exclusive-lock", "striping"), 64 << 10, 4, "ec-data")
+    assert made.meta == CONFIG.meta
+    assert made.warnings == ()
+
+
+def test_flags_override_the_record() -> None:
+    flags = ImageFlags(
+        object_size=4 << 20, stripe_unit=4 << 20, stripe_count=1, features=("layering",), data_pool="other"
+    )
+    made = creation(CONFIG, flags, {"rbd", "ec-data", "other"})
+    assert made.layout == NewImage(22, ("layering",), None, None, "other")
+    assert made.warnings == ()
+
+
+def test_no_image_meta() -> None:
+    assert creation(CONFIG, ImageFlags(image_meta=False), {"ec-data"}).meta == ()
+
+
+def test_missing_data_pool_warns_and_keeps_the_rest() -> None:
+    made = creation(CONFIG, ImageFlags(), {"rbd"})
+    assert made.layout == NewImage(20, ("layering", "exclusive-lock", "striping"), 64 << 10, 4, None)
+    assert len(made.warnings) == 1 and "ec-data" in made.warnings[0]
+
+
+def test_impossible_object_size_and_unknown_feature_warn() -> None:
+    made = creation(None, ImageFlags(object_size=3 << 20, features=("layering", "warp-drive")), set())
+    assert made.layout == NewImage(None, ("layering",), None, None, None)
+    assert [w.split()[0] for w in made.warnings] == ["object", "unknown"]
+
+
+def test_implied_features_are_not_asked_for() -> None:
+    recorded = mf.ImageConfig(4 << 20, 4 << 20, 1, None, ("layering", "striping", "data-pool", "operations"))
+    assert creation(recorded, ImageFlags(), set()).layout == NewImage(22, ("layering",), None, None, None)
+
+
+def test_new_object_size_of_an_unstriped_image_stays_unstriped() -> None:
+    recorded = mf.ImageConfig(4 << 20, 4 << 20, 1, None, ("layering",))
+    assert creation(recorded, ImageFlags(object_size=1 << 20), set()).layout == NewImage(20, ("layering",))

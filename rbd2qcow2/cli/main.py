@@ -26,6 +26,7 @@ from .parser import build_parser
 
 if TYPE_CHECKING:
     from ..adapters.ceph import CephOptions
+    from ..ops.image_config import ImageFlags
 
 # Modules that import the Ceph bindings (backup, ceph) are imported by the
 # commands that need them, so file restores work on a machine without Ceph.
@@ -81,7 +82,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         opts = _ceph_options(args)
         with Cluster(opts) as cluster:
             restore.restore_rbd(
-                loc, dest, cluster, force=args.force, parallel=args.parallel, progress=not args.no_progress
+                loc,
+                dest,
+                cluster,
+                force=args.force,
+                parallel=args.parallel,
+                progress=not args.no_progress,
+                flags=_image_flags(args),
             )
         print(f"{loc.ref} -> rbd:{dest}")
     else:
@@ -95,6 +102,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
         )
         print(f"{loc.ref} -> {args.to}")
     return 0
+
+
+def _image_flags(args: argparse.Namespace) -> ImageFlags:
+    from ..ops.image_config import ImageFlags  # the Ceph bindings: only for a restore into RBD
+
+    features = None
+    if args.image_feature is not None:
+        features = tuple(f.strip() for given in args.image_feature for f in given.split(",") if f.strip())
+    return ImageFlags(
+        object_size=args.object_size,
+        stripe_unit=args.stripe_unit,
+        stripe_count=args.stripe_count,
+        features=features,
+        data_pool=args.data_pool,
+        image_meta=not args.no_image_meta,
+    )
 
 
 def cmd_overlay(args: argparse.Namespace) -> int:

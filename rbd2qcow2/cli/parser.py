@@ -46,6 +46,30 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _bytes(text: str) -> int:
+    """A size as ``rbd create`` takes one: bytes, or with a K, M or G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) == 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or with K, M, G)")
+    return int(digits) * scale
+
+
+def _add_image_settings(r: argparse.ArgumentParser) -> None:
+    """Overrides of the RBD settings a restore into RBD takes from the point (named as ``rbd create``'s)."""
+    r.add_argument("--object-size", type=_bytes, metavar="SIZE", help="object size of the new image (4M, 1M...)")
+    r.add_argument("--stripe-unit", type=_bytes, metavar="SIZE", help="stripe unit of the new image")
+    r.add_argument("--stripe-count", type=_positive, metavar="N", help="stripe count of the new image")
+    r.add_argument(
+        "--image-feature",
+        action="append",
+        metavar="FEATURES",
+        help="features of the new image, comma separated or repeated (instead of the recorded ones)",
+    )
+    r.add_argument("--data-pool", metavar="POOL", help="data pool of the new image")
+    r.add_argument("--no-image-meta", action="store_true", help="do not copy the recorded image-meta key/values")
+
+
 def _add_ceph(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ceph")
     g.add_argument("--conf", "-c", help="ceph.conf (default: $CEPH_CONF or Ceph's search path)")
@@ -170,6 +194,7 @@ def _add_restore_commands(sub: argparse._SubParsersAction[Parser], common: Parse
         help="reader threads (default 4)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_image_settings(r)
     _add_ceph(r)
 
     o = sub.add_parser("overlay", parents=[common], help="a writable qcow2 overlay of a point, to boot a VM")

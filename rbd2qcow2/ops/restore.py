@@ -39,6 +39,7 @@ from .located import Located, block_check, check_structure, locate
 
 if TYPE_CHECKING:  # ceph (rados, rbd) is imported only by the RBD paths
     from ..adapters.ceph import Cluster
+    from .image_config import ImageFlags
 
 logger = logging.getLogger(__name__)
 
@@ -303,13 +304,23 @@ def make_overlay(loc: Located, new: Path) -> None:
 # -- RBD --------------------------------------------------------------------------
 
 
-def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool, parallel: int, progress: bool) -> None:
+def restore_rbd(
+    loc: Located,
+    dest: ImageSpec,
+    cluster: Cluster,
+    *,
+    force: bool,
+    parallel: int,
+    progress: bool,
+    flags: ImageFlags | None = None,
+) -> None:
     """Write the point into a new image under a temporary name, then rename it to ``dest``.
 
     A killed restore leaves at most the temporary image (reported and
     removed by the next restore into ``dest``).  With ``force`` an existing
     ``dest`` is not touched until the new image holds the checked data: it
     is renamed aside, the new image renamed into place, and the old one removed.
+    The new image takes the point's recorded RBD settings, ``flags`` over them.
     """
     exists = cluster.exists(dest)
     if exists and not force:
@@ -317,7 +328,9 @@ def restore_rbd(loc: Located, dest: ImageSpec, cluster: Cluster, *, force: bool,
     stale = _leftovers(cluster, dest)
     check = block_check(loc)
     temp = ImageSpec(dest.pool, dest.namespace, f"{dest.name}{TEMP_MARK}{secrets.token_hex(4)}")
-    cluster.create_image(temp, loc.point.size)
+    from .image_config import ImageFlags, create_image  # the Ceph bindings: only for a restore into RBD
+
+    create_image(cluster, temp, loc.point.size, loc.point.image_config, flags or ImageFlags())
     try:
         _transfer_to_rbd(loc, temp, cluster, check, parallel=parallel, progress=progress)
         crashpoint("before-restore-rename")

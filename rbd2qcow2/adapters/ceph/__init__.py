@@ -12,7 +12,7 @@ and the project's own exceptions (``raise ... from exc``).
 
 from .claim import CLAIM_LOCK, LAPSE_MARGIN, RENEW_FRACTION, Claim, Lease
 from .cluster import BULK_WRITE_OPTIONS, CONNECT_TIMEOUT, CephOptions, Cluster, StrayName
-from .image import FEATURE_NAMES, ImageSettings, RbdImage, SnapInfo
+from .image import FEATURE_NAMES, ImageSettings, NewImage, RbdImage, SnapInfo
 from .writes import AsyncWrites
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ImageSettings",
     "Cluster",
     "Lease",
+    "NewImage",
     "RbdImage",
     "SnapInfo",
     "StrayName",

@@ -17,7 +17,7 @@ from ...core.errors import CephError, CephUnavailable
 from ...core.names import ImageSpec
 from .calls import wrap
 from .claim import Claim, hold
-from .image import RbdImage
+from .image import FEATURE_NAMES, NewImage, RbdImage
 
 CONNECT_TIMEOUT = 30
 # librbd options for writing a whole image (read when an image is opened)
@@ -142,10 +142,28 @@ class Cluster:
             names = wrap(f"listing {spec.pool}", lambda: rbd.RBD().list(ioctx))
         return spec.name in names
 
-    def create_image(self, spec: ImageSpec, size: int) -> None:
-        """A new image with the cluster's default features."""
+    def pools(self) -> set[str]:
+        return set(wrap("listing pools", self._rados.list_pools))
+
+    def create_image(self, spec: ImageSpec, size: int, layout: NewImage | None = None) -> None:
+        """A new image; the cluster's defaults for what ``layout`` leaves unset (all without it)."""
+        layout = layout or NewImage()
+        bits = None if layout.features is None else sum(FEATURE_NAMES[f] for f in set(layout.features))
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
-            wrap(f"create image {spec}", lambda: rbd.RBD().create(ioctx, spec.name, size, old_format=False))
+            wrap(
+                f"create image {spec}",
+                lambda: rbd.RBD().create(
+                    ioctx,
+                    spec.name,
+                    size,
+                    order=layout.order,
+                    old_format=False,
+                    features=bits,
+                    stripe_unit=layout.stripe_unit,
+                    stripe_count=layout.stripe_count,
+                    data_pool=layout.data_pool,
+                ),
+            )
 
     def rename_image(self, src: ImageSpec, dest: ImageSpec) -> None:
         """Rename an image within its pool and namespace."""

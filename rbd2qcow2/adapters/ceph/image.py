@@ -43,6 +43,17 @@ class ImageSettings:
     meta: tuple[tuple[str, str], ...]  # image-meta key/values, sorted by key
 
 
+@dataclass(frozen=True)
+class NewImage:
+    """How to lay out a new image; None: the cluster's default."""
+
+    order: int | None = None  # objects of 2**order bytes
+    features: tuple[str, ...] | None = None  # names of FEATURE_NAMES
+    stripe_unit: int | None = None
+    stripe_count: int | None = None
+    data_pool: str | None = None
+
+
 # librbd's feature bits by the names ``rbd`` shows and takes.
 FEATURE_NAMES = {
     "layering": rbd.RBD_FEATURE_LAYERING,
@@ -141,6 +152,9 @@ class RbdImage:
             if isinstance(exc, rbd.ObjectNotFound):
                 return None
             raise CephError(f"{self.label}: image-meta {key}: {exc}") from exc
+
+    def set_metadata(self, key: str, value: str) -> None:
+        wrap(f"{self.label}: image-meta set {key}", lambda: self._img.metadata_set(key, value))
 
     def resize(self, size: int) -> None:
         wrap(f"{self.label}: resize to {size}", lambda: self._img.resize(size, allow_shrink=True))
