@@ -43,9 +43,10 @@ PROBES: list[tuple[str, str, str, str]] = [
     ("ops.backup_point", "ImageBackup.__init__", "make dirs", "call"),
     ("ops.backup_point", "ImageBackup.start", "backup start", "call"),
     ("ops.backup_point", "ImageBackup.finish", "backup finish", "call"),
-    ("ops.backup_point", "chain_lock", "chain lock", "cm"),
-    ("ops.backup_point", "recover", "recover", "call"),
-    ("ops.backup_point", "ImageBackup._clean_orphans", "clean orphans", "call"),
+    ("ops.access", "chain_lock", "chain lock", "cm"),
+    ("ops.access", "recover", "recover", "call"),
+    ("ops.access", "remove_orphan_files", "clean orphans", "call"),
+    ("ops.backup_point", "ImageBackup._clean_snapshots", "clean snapshots", "call"),
     ("ops.backup_point", "choose_base", "choose base", "call"),
     ("ops.backup_point", "ImageBackup._base_chain", "check base chain", "call"),
     ("ops.backup_layer", "LayerWriter.write", "write point", "call"),
@@ -71,8 +72,8 @@ PROBES: list[tuple[str, str, str, str]] = [
     ("store.checksums", "OrderedWriter.finish", "checksum file finish", "call"),
     ("ops.run", "_verify", "verify", "call"),
     ("ops.verify", "ChainVerifier._structure", "structure", "call"),
-    ("ops.verify", "ChainVerifier._sums_problem", "checksum file sha256", "call"),
-    ("ops.verify", "ChainVerifier._modes", "file modes", "call"),
+    ("ops.structure", "sums_problem", "checksum file sha256", "call"),
+    ("ops.structure", "directory_problems", "file modes", "call"),
 ]
 
 
