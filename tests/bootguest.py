@@ -21,7 +21,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 # Bump when what ensure_kernel() builds changes, so stale caches are not reused.
@@ -211,27 +211,43 @@ def ensure_kernel(cache_dir: Path) -> tuple[Path, Path]:
 
     Needs ``apt-get`` with reachable Debian mirrors the first time (nothing is installed).
     """
-    final = cache_dir / f"bootguest-v{GUEST_VERSION}"
+    return build_guest(cache_dir / f"bootguest-v{GUEST_VERSION}", ROOT_MODULES, _init_script)
+
+
+Entry = tuple[str, int, bytes]  # (path in the initramfs, mode, data)
+
+
+def build_guest(
+    final: Path,
+    modules: Sequence[str],
+    init_script: Callable[[Sequence[str]], str],
+    extra: Callable[[], list[Entry]] = list,
+) -> tuple[Path, Path]:
+    """A kernel and busybox initramfs in ``final`` (built once): ``modules`` loaded by ``init_script``,
+    plus the ``extra`` files (their directories made for them)."""
     kernel, initrd = final / "vmlinuz", final / "initrd.cpio"
     if kernel.is_file() and initrd.is_file():
         return kernel, initrd
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bootguest-build-", dir=cache_dir))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{final.name}-build-", dir=final.parent))
     try:
         os.chmod(work, 0o755)  # apt-get download fetches as the _apt user where it can
         kroot = _fetch(_kernel_package(), work)
         broot = _fetch(BUSYBOX_PACKAGE, work)
         (vmlinuz,) = (kroot / "boot").glob("vmlinuz-*")
         (moddir,) = (kroot / "lib" / "modules").iterdir()
-        modules = _load_order(moddir, ROOT_MODULES)
-        entries: list[tuple[str, int, bytes]] = [(d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "mnt")]
+        loaded = _load_order(moddir, modules)
+        added = extra()
+        entries: list[Entry] = [(d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "mnt")]
+        entries += _dirs_of([name for name, _, _ in added if not name.startswith("bin/")])
         entries += [
             ("dev/console", 0o020600, b"5:1"),
             ("bin/busybox", 0o100755, (broot / "bin" / "busybox").read_bytes()),
-            ("init", 0o100755, _init_script([name for name, _ in modules]).encode()),
+            ("init", 0o100755, init_script([name for name, _ in loaded]).encode()),
             ("modules", 0o040755, b""),
+            *added,
         ]
-        entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in modules]
+        entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in loaded]
         out = work / "out"
         out.mkdir()
         shutil.copyfile(vmlinuz, out / kernel.name)
@@ -245,6 +261,17 @@ def ensure_kernel(cache_dir: Path) -> tuple[Path, Path]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return kernel, initrd
+
+
+def _dirs_of(names: Sequence[str]) -> list[Entry]:
+    """Directory entries for every parent of ``names``, parents first."""
+    dirs: set[str] = set()
+    for name in names:
+        parent = Path(name).parent
+        while str(parent) not in ("", "."):
+            dirs.add(str(parent))
+            parent = parent.parent
+    return [(d, 0o040755, b"") for d in sorted(dirs, key=lambda d: d.count("/"))]
 
 
 # --- disk ------------------------------------------------------------------------------------

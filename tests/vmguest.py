@@ -19,11 +19,8 @@ guest prints ``VMGUEST-READY`` there once its writer runs.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Sequence
@@ -31,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from bootguest import ROOT_MODULES, BootGuestError, _cpio, _fetch, _kernel_package, _load_order, _run
+from bootguest import ROOT_MODULES, BootGuestError, _run, build_guest
 from libvirtd import CephAccess
 
 VMGUEST_VERSION = 1
@@ -131,54 +128,9 @@ def _agent_files() -> list[tuple[str, int, bytes]]:
     return files
 
 
-def _dirs_of(names: Sequence[str]) -> list[tuple[str, int, bytes]]:
-    dirs: set[str] = set()
-    for name in names:
-        parent = Path(name).parent
-        while str(parent) not in ("", "."):
-            dirs.add(str(parent))
-            parent = parent.parent
-    return [(d, 0o040755, b"") for d in sorted(dirs, key=lambda d: d.count("/"))]
-
-
 def ensure_vm_guest(cache_dir: Path) -> tuple[Path, Path]:
     """The VM guest's kernel and initramfs, built once into ``cache_dir`` and reused afterwards."""
-    final = cache_dir / f"vmguest-v{VMGUEST_VERSION}"
-    kernel, initrd = final / "vmlinuz", final / "initrd.cpio"
-    if kernel.is_file() and initrd.is_file():
-        return kernel, initrd
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="vmguest-build-", dir=cache_dir))
-    try:
-        os.chmod(work, 0o755)  # apt-get download fetches as the _apt user where it can
-        kroot = _fetch(_kernel_package(), work)
-        broot = _fetch("busybox-static", work)
-        (vmlinuz,) = (kroot / "boot").glob("vmlinuz-*")
-        (moddir,) = (kroot / "lib" / "modules").iterdir()
-        modules = _load_order(moddir, MODULES)
-        agent = _agent_files()
-        entries: list[tuple[str, int, bytes]] = [(d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "mnt")]
-        entries += _dirs_of([name for name, _, _ in agent if not name.startswith("bin/")])
-        entries += [
-            ("dev/console", 0o020600, b"5:1"),
-            ("bin/busybox", 0o100755, (broot / "bin" / "busybox").read_bytes()),
-            ("init", 0o100755, _init_script([name for name, _ in modules]).encode()),
-            ("modules", 0o040755, b""),
-            *agent,
-        ]
-        entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in modules]
-        out = work / "out"
-        out.mkdir()
-        shutil.copyfile(vmlinuz, out / kernel.name)
-        (out / initrd.name).write_bytes(_cpio(entries))
-        try:
-            out.rename(final)
-        except OSError:
-            if not (kernel.is_file() and initrd.is_file()):  # not a concurrent build that won
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return kernel, initrd
+    return build_guest(cache_dir / f"vmguest-v{VMGUEST_VERSION}", MODULES, _init_script, _agent_files)
 
 
 # --- disks -------------------------------------------------------------------------------------
